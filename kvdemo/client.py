@@ -1,0 +1,127 @@
+"""Streaming completions from an engine (openai.AsyncOpenAI), with the timings the demo is about.
+
+TTFT is measured at the client, from sending the request to the first streamed token: that is what a
+user waits for. Decode speed is (tokens after the first) / (time after the first token).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import openai
+
+from .errors import EngineError, UserFacingError
+
+
+@dataclass
+class RequestStats:
+    ttft_s: float
+    total_s: float
+    completion_tokens: int
+    prompt_tokens: int
+
+    @property
+    def decode_tok_s(self) -> float | None:
+        decode_time = self.total_s - self.ttft_s
+        if self.completion_tokens < 2 or decode_time <= 0:
+            return None
+        return (self.completion_tokens - 1) / decode_time
+
+
+@dataclass
+class TextDelta:
+    text: str
+
+
+@dataclass
+class Finished:
+    stats: RequestStats
+
+
+StreamEvent = TextDelta | Finished
+
+
+class EngineClient:
+    """One engine's OpenAI-compatible endpoint; `skip_save` asks LMCache not to store a request's KV."""
+
+    def __init__(self, base_url: str, label: str, key: str, timeout_s: float = 600.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.label = label
+        self.key = key
+        self._client = openai.AsyncOpenAI(base_url=f"{self.base_url}/v1", api_key="EMPTY", timeout=timeout_s,
+                                          max_retries=0)
+        self._model: str | None = None
+
+    async def model(self) -> str:
+        if self._model is None:
+            models = await self._call(self._client.models.list())
+            self._model = models.data[0].id
+        return self._model
+
+    async def stream(self, prompt_ids: list[int], max_tokens: int, temperature: float = 0.0,
+                     skip_save: bool = False, ignore_eos: bool = False) -> AsyncIterator[StreamEvent]:
+        extra: dict = {}
+        if skip_save:
+            extra["kv_transfer_params"] = {"lmcache.skip_save": True}
+        if ignore_eos:
+            extra["ignore_eos"] = True
+        model = await self.model()
+        start = time.perf_counter()
+        first: float | None = None
+        n_tokens = 0
+        prompt_tokens = len(prompt_ids)
+        stream = await self._call(self._client.completions.create(
+            model=model, prompt=prompt_ids, max_tokens=max_tokens, temperature=temperature, stream=True,
+            stream_options={"include_usage": True}, extra_body=extra or None))
+        try:
+            async for chunk in stream:
+                if chunk.usage is not None:
+                    n_tokens = chunk.usage.completion_tokens or n_tokens
+                    prompt_tokens = chunk.usage.prompt_tokens or prompt_tokens
+                for choice in chunk.choices:
+                    if first is None:
+                        first = time.perf_counter()
+                    if not chunk.usage:
+                        n_tokens += 1
+                    if choice.text:
+                        yield TextDelta(choice.text)
+        except (openai.APIConnectionError, openai.APITimeoutError) as exc:
+            raise EngineError(f"{self.label} stopped answering mid-stream ({type(exc).__name__}).",
+                              self.key) from exc
+        end = time.perf_counter()
+        yield Finished(RequestStats(ttft_s=(first or end) - start, total_s=end - start,
+                                    completion_tokens=n_tokens, prompt_tokens=prompt_tokens))
+
+    async def complete(self, prompt_ids: list[int], max_tokens: int = 1, **kw) -> tuple[str, RequestStats]:
+        """Whole answer and its stats (precompute, benchmarks, headless mode)."""
+        parts: list[str] = []
+        stats: RequestStats | None = None
+        async for event in self.stream(prompt_ids, max_tokens, **kw):
+            if isinstance(event, TextDelta):
+                parts.append(event.text)
+            else:
+                stats = event.stats
+        assert stats is not None
+        return "".join(parts), stats
+
+    async def _call(self, awaitable):
+        try:
+            return await awaitable
+        except openai.BadRequestError as exc:
+            raise UserFacingError(f"{self.label} refused the request: {_api_message(exc)}") from exc
+        except (openai.APIConnectionError, openai.APITimeoutError) as exc:
+            raise EngineError(f"{self.label} at {self.base_url} does not answer.", self.key) from exc
+        except openai.APIStatusError as exc:
+            raise EngineError(f"{self.label} failed: HTTP {exc.status_code} {_api_message(exc)}",
+                              self.key) from exc
+
+    async def close(self) -> None:
+        await self._client.close()
+
+
+def _api_message(exc: openai.APIStatusError) -> str:
+    body = exc.body if isinstance(exc.body, dict) else {}
+    msg = body.get("message") or (body.get("error") or {}).get("message") if body else None
+    return str(msg or exc.message).splitlines()[0][:300]

@@ -1,0 +1,206 @@
+"""All configuration in one place: the Settings dataclass, its CLI flags, env overrides, and the GPU plan.
+
+Every flag can also be set by an environment variable `KVDEMO_<FLAG_NAME>` (e.g. `KVDEMO_MODEL`), which is
+how a Hugging Face Space or a container sets them without editing a command line. On a Space (`SPACE_ID`
+set) the UI binds 0.0.0.0:7860 as Spaces expects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UserFacingError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = "mistralai/Mistral-7B-Instruct-v0.2"
+SIM_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "sim_tokenizer"
+SCENARIOS = ("blend", "share")
+FAIRNESS_MODES = ("auto", "sequential", "concurrent")
+# Fraction of a GPU's memory that all engines on it may take together (vLLM's own default is 0.9).
+GPU_MEMORY_BUDGET = 0.9
+
+
+@dataclass
+class Settings:
+    """What the user asked for; built from flags, env and defaults by `parse_settings`."""
+
+    scenario: str = "blend"
+    model: str = DEFAULT_MODEL
+    simulate: bool = False
+    gpus: list[int] | None = None  # None: use every GPU nvidia-smi lists
+    port: int = 7860
+    engine_ports: list[int] = field(default_factory=lambda: [8000, 8001, 8002, 8003])
+    max_model_len: int = 32768
+    gpu_memory_utilization: float | None = None  # None: split GPU_MEMORY_BUDGET between engines on a GPU
+    kv_cache_gib: float | None = None  # None: 12 GiB when engines share a GPU (skips vLLM's profiling)
+    data_dir: Path = REPO_ROOT / "data"
+    lmcache_config: Path | None = None  # None: lmcache_configs/<scenario>.yaml
+    share: bool = False
+    server_name: str = "127.0.0.1"
+    auth: tuple[str, str] | None = None
+    attach: list[str] | None = None
+    dry_run: bool = False
+    log_dir: Path = REPO_ROOT / "logs"
+    engine_args: list[str] = field(default_factory=list)
+    fairness: str = "auto"
+    health_timeout_s: float = 900.0
+    no_ui: bool = False
+    ask: str | None = None
+    hf_token: str | None = None
+    sim_speed: float = 1.0  # simulated engines only: >1 makes every simulated delay shorter
+
+    @property
+    def lmcache_config_path(self) -> Path:
+        return self.lmcache_config or REPO_ROOT / "lmcache_configs" / f"{self.scenario}.yaml"
+
+    @property
+    def is_local_model(self) -> bool:
+        """A path-like model is a local directory (no Hub access, no token)."""
+        return self.model.startswith((".", "/", "~")) or Path(self.model).expanduser().exists()
+
+    @property
+    def tokenizer_source(self) -> str:
+        """Simulated engines with the default (Hub) model use the bundled tokenizer: no download needed."""
+        if self.simulate and self.model == DEFAULT_MODEL:
+            return str(SIM_TOKENIZER_DIR)
+        return str(Path(self.model).expanduser()) if self.is_local_model else self.model
+
+
+@dataclass(frozen=True)
+class GpuSlot:
+    """Where one engine runs: which GPU, and how much of it (engines sharing a GPU split its memory)."""
+
+    gpu: int | None  # None: no GPU (simulated engine)
+    memory_fraction: float
+    engines_on_gpu: int
+
+    @property
+    def shared(self) -> bool:
+        return self.engines_on_gpu > 1
+
+
+def plan_gpus(n_engines: int, gpus: list[int]) -> list[GpuSlot]:
+    """Spread engines round-robin over GPUs; engines on one GPU split its memory budget evenly.
+
+    With 2 GPUs and 2 engines each engine gets its own GPU (the fair layout the original demos use);
+    with one GPU both share it, each with a bit under half of the memory.
+    """
+    if not gpus:
+        return [GpuSlot(None, 0.0, 1) for _ in range(n_engines)]
+    placement = [gpus[i % len(gpus)] for i in range(n_engines)]
+    slots = []
+    for gpu in placement:
+        count = placement.count(gpu)
+        fraction = int(GPU_MEMORY_BUDGET / count * 100) / 100  # round down: never over-commit
+        slots.append(GpuSlot(gpu, fraction, count))
+    return slots
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"KVDEMO_{name.upper()}", default)
+
+
+def _env_bool(name: str) -> bool:
+    return (_env(name) or "").lower() in ("1", "true", "yes", "on")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+
+
+def _auth(text: str) -> tuple[str, str]:
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise argparse.ArgumentTypeError("--auth takes user:password")
+    return user, password
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = Settings()
+    p = argparse.ArgumentParser(
+        prog="python app.py",
+        description="Side-by-side demo of LMCache KV-cache reuse vs plain vLLM. "
+        "Every flag can also be set as env KVDEMO_<FLAG> (e.g. KVDEMO_MODEL).",
+    )
+    p.add_argument("--scenario", choices=SCENARIOS, default=_env("scenario", d.scenario),
+                   help="blend: LMCache vs plain vLLM on reordered chunks; share: KV sharing between engines")
+    p.add_argument("--model", default=_env("model", d.model), help="Hub model id or local model directory")
+    p.add_argument("--simulate", action="store_true", default=_env_bool("simulate"),
+                   help="no GPU needed: simulated engines, every number labelled SIMULATED")
+    p.add_argument("--gpus", type=_int_list, default=_env("gpus"),
+                   help="GPU indices to use, e.g. 0,1 (default: all that nvidia-smi lists)")
+    p.add_argument("--port", type=int, default=int(_env("port", str(d.port))), help="UI port")
+    p.add_argument("--engine-ports", type=_int_list, default=_env("engine_ports", "8000,8001,8002,8003"),
+                   help="ports of the engines, in order (LMCache engine first)")
+    p.add_argument("--max-model-len", type=int, default=int(_env("max_model_len", str(d.max_model_len))))
+    p.add_argument("--gpu-memory-utilization", type=float, default=_env("gpu_memory_utilization"),
+                   help="per engine (default: 0.9 split between the engines on a GPU)")
+    p.add_argument("--kv-cache-gib", type=float, default=_env("kv_cache_gib"),
+                   help="KV cache size per engine; default 12 when engines share a GPU")
+    p.add_argument("--data-dir", type=Path, default=Path(_env("data_dir", str(d.data_dir))))
+    p.add_argument("--lmcache-config", type=Path, default=_env("lmcache_config"),
+                   help="LMCache yaml (default: lmcache_configs/<scenario>.yaml)")
+    p.add_argument("--share", action="store_true", default=_env_bool("share"), help="Gradio public link")
+    p.add_argument("--server-name", default=_env("server_name"), help="UI bind address (default 127.0.0.1)")
+    p.add_argument("--auth", type=_auth, default=_env("auth"), help="user:password required to open the UI")
+    p.add_argument("--attach", default=_env("attach"),
+                   help="use running engines instead of starting them: URL,URL (LMCache engine first)")
+    p.add_argument("--dry-run", action="store_true", help="print each engine's command and env; start nothing")
+    p.add_argument("--log-dir", type=Path, default=Path(_env("log_dir", str(d.log_dir))))
+    p.add_argument("--engine-args", default=_env("engine_args", ""),
+                   help='extra vllm serve arguments for every engine, e.g. "--load-format dummy"')
+    p.add_argument("--fairness", choices=FAIRNESS_MODES, default=_env("fairness", d.fairness),
+                   help="auto: one engine after the other when they share a GPU, at once otherwise")
+    p.add_argument("--health-timeout", type=float, default=float(_env("health_timeout", "900")),
+                   help="seconds to wait for engines to become healthy")
+    p.add_argument("--no-ui", action="store_true", help="headless: start, precompute, answer --ask, exit")
+    p.add_argument("--ask", default=_env("ask"), help="question to answer in headless mode")
+    p.add_argument("--sim-speed", type=float, default=float(_env("sim_speed", "1")),
+                   help=argparse.SUPPRESS)
+    return p
+
+
+def parse_settings(argv: list[str] | None = None) -> Settings:
+    """Flags (then env, then defaults) → Settings. Invalid combinations raise UserFacingError."""
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    gpus = _int_list(a.gpus) if isinstance(a.gpus, str) else a.gpus
+    ports = _int_list(a.engine_ports) if isinstance(a.engine_ports, str) else a.engine_ports
+    auth = _auth(a.auth) if isinstance(a.auth, str) else a.auth
+    gmu = float(a.gpu_memory_utilization) if a.gpu_memory_utilization is not None else None
+    kv_gib = float(a.kv_cache_gib) if a.kv_cache_gib is not None else None
+    server_name = a.server_name or ("0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1")
+    port = 7860 if os.environ.get("SPACE_ID") and a.port == Settings.port else a.port
+    s = Settings(
+        scenario=a.scenario, model=a.model, simulate=a.simulate, gpus=gpus, port=port, engine_ports=ports,
+        max_model_len=a.max_model_len, gpu_memory_utilization=gmu, kv_cache_gib=kv_gib,
+        data_dir=a.data_dir, lmcache_config=Path(a.lmcache_config) if a.lmcache_config else None,
+        share=a.share, server_name=server_name, auth=auth,
+        attach=[u.strip().rstrip("/") for u in a.attach.split(",") if u.strip()] if a.attach else None,
+        dry_run=a.dry_run, log_dir=a.log_dir, engine_args=shlex.split(a.engine_args or ""),
+        fairness=a.fairness, health_timeout_s=a.health_timeout, no_ui=a.no_ui, ask=a.ask,
+        hf_token=os.environ.get("HF_TOKEN") or None, sim_speed=a.sim_speed,
+    )
+    validate(s)
+    return s
+
+
+def validate(s: Settings) -> None:
+    """Checks that need no GPU and no network; each failure says what to change."""
+    if s.max_model_len < 256:
+        raise UserFacingError(f"--max-model-len {s.max_model_len} is too small; use at least 256.")
+    if s.gpu_memory_utilization is not None and not 0.05 <= s.gpu_memory_utilization <= 0.98:
+        raise UserFacingError("--gpu-memory-utilization must be between 0.05 and 0.98.")
+    if len(set(s.engine_ports)) != len(s.engine_ports) or s.port in s.engine_ports:
+        raise UserFacingError("--engine-ports and --port must all be different ports.")
+    if s.sim_speed <= 0:
+        raise UserFacingError("--sim-speed must be positive.")
+    if s.no_ui and not s.ask and not s.dry_run:
+        raise UserFacingError('--no-ui needs a question: add --ask "..."')

@@ -1,0 +1,117 @@
+"""Entry point: flags → runtime (engines, precompute) → UI or headless answer; always stops engines.
+
+Ctrl-C and SIGTERM both end in `Runtime.stop()`; SIGKILL of this process is covered by the watchdog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import time
+
+from .config import Settings, parse_settings
+from .errors import EngineError, UserFacingError
+from .runtime import DEFAULT_CONTEXT_TOKENS, Runtime
+
+log = logging.getLogger("kvdemo")
+
+
+def _raise_exit(signum: int, _frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpx2", "httpcore", "openai"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    signal.signal(signal.SIGTERM, _raise_exit)
+    runtime: Runtime | None = None
+    try:
+        settings = parse_settings(argv)
+        runtime = Runtime(settings)
+        if settings.dry_run:
+            return dry_run(runtime)
+        if settings.simulate:
+            print("kvdemo: SIMULATED engines — no GPU is used and every timing shown is SIMULATED.", flush=True)
+        runtime.start()
+        if settings.no_ui:
+            return headless(runtime, settings.ask or "")
+        return serve_ui(runtime)
+    except EngineError as exc:
+        print(f"kvdemo: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except UserFacingError as exc:
+        print(f"kvdemo: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("kvdemo: interrupted, stopping engines…", file=sys.stderr, flush=True)
+        return 130
+    finally:
+        if runtime is not None:
+            runtime.stop()
+
+
+def dry_run(runtime: Runtime) -> int:
+    s = runtime.settings
+    specs = runtime.plan()
+    print(f"# kvdemo --dry-run: scenario {s.scenario}, model {s.model}; nothing is started.")
+    print("# Every engine also inherits this process's environment.")
+    for spec in specs:
+        print(spec.describe() if not spec.url_override else f"# {spec.label}: attached at {spec.url}")
+    mode = "sequential (engines share a GPU)" if any(sp.slot.shared for sp in specs) else "concurrent"
+    if s.fairness != "auto":
+        mode = s.fairness
+    print(f"# UI: http://{s.server_name}:{s.port}  answer mode: {mode}")
+    return 0
+
+
+def headless(runtime: Runtime, question: str) -> int:
+    """Precompute, then ask the question of each engine in turn and print answers and TTFTs."""
+    runtime.run_precompute()
+    if runtime.progress.error:
+        raise UserFacingError(f"Precompute failed: {runtime.progress.error}")
+    builder = runtime.builder
+    assert builder is not None
+    chunks = builder.default_selection(DEFAULT_CONTEXT_TOKENS, runtime.settings.max_model_len - 512)
+    ids = builder.build(chunks, question)
+    tag = " (SIMULATED)" if runtime.settings.simulate else ""
+    print(f"kvdemo: {len(chunks)} chunks, {len(ids)} prompt tokens; precompute {runtime.progress.seconds:.2f} s{tag}")
+    ttfts = {}
+
+    async def ask_all() -> None:
+        for h in runtime.engines:
+            client = h.client()
+            try:
+                text, stats = await client.complete(ids, max_tokens=128, skip_save=h.spec.lmcache)
+            finally:
+                await client.close()
+            ttfts[h.spec.key] = stats.ttft_s
+            tok_s = f"{stats.decode_tok_s:.1f} tok/s" if stats.decode_tok_s else "n/a"
+            print(f"\n{h.spec.label}: TTFT {stats.ttft_s:.3f} s, decode {tok_s}{tag}\n{text.strip()[:400]}",
+                  flush=True)
+
+    asyncio.run(ask_all())
+    if "lmcache" in ttfts and "plain" in ttfts and ttfts["lmcache"] > 0:
+        print(f"\nkvdemo: TTFT speedup {ttfts['plain'] / ttfts['lmcache']:.2f}x{tag}")
+    return 0
+
+
+def serve_ui(runtime: Runtime) -> int:
+    from .ui.app import build_ui, launch_kwargs, sharing_warning  # lazy: gradio is slow to import
+
+    s: Settings = runtime.settings
+    warning = sharing_warning(s)
+    if warning:
+        print(f"kvdemo: WARNING: {warning}", flush=True)
+    demo = build_ui(runtime)
+    runtime.start_precompute()
+    demo.queue(default_concurrency_limit=16, max_size=64)
+    _, local_url, share_url = demo.launch(**launch_kwargs(s), prevent_thread_lock=True)
+    print(f"kvdemo: UI at {local_url}" + (f" and {share_url}" if share_url else ""), flush=True)
+    try:
+        while True:
+            time.sleep(0.5)
+    finally:
+        demo.close()

@@ -1,0 +1,207 @@
+"""The running demo: engines, their clients, the prompt builder and the precompute state.
+
+One Runtime per app process. It holds only what is shared by nature (the engines and what their caches
+hold); everything about one browser session lives in that session's gr.State.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import httpx
+
+from .client import EngineClient
+from .config import Settings
+from .engines import EngineProcess, EngineSpec, Watchdog
+from .errors import EngineError, UserFacingError
+from .precompute import PrecomputeProgress, precompute
+from .preflight import check_lmcache_config, check_model, check_port_free, choose_gpus
+from .prompts import ChunkLibrary, PromptBuilder, load_tokenizer
+from .scenarios import blend
+
+log = logging.getLogger(__name__)
+
+# Blending pays off on long contexts (GPU.md: 1.2x at 8K, 1.5x at 16K, 2x at 24K with stock settings).
+DEFAULT_CONTEXT_TOKENS = 16_000
+
+
+@dataclass
+class EngineHandle:
+    spec: EngineSpec
+    process: EngineProcess | None  # None when attached
+    model_name: str | None = None
+    startup_s: float | None = None
+
+    def client(self, timeout_s: float = 600.0) -> EngineClient:
+        """A fresh client: openai's async client belongs to the event loop that uses it."""
+        c = EngineClient(self.spec.url, self.spec.label, self.spec.key, timeout_s)
+        c._model = self.model_name
+        return c
+
+    def status(self) -> str:
+        if self.process is not None and not self.process.alive():
+            return f"❌ stopped (exit {self.process.proc.returncode if self.process.proc else '?'})"
+        return "✅ healthy" if self.model_name else "⏳ starting"
+
+    def error_with_log(self, message: str) -> EngineError:
+        tail = self.process.log_tail() if self.process else ""
+        return EngineError(message, self.spec.key, tail)
+
+
+class Runtime:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.library = ChunkLibrary.load(settings.data_dir)
+        self.engines: list[EngineHandle] = []
+        self.watchdog: Watchdog | None = None
+        self.progress = PrecomputeProgress()
+        self.builder: PromptBuilder | None = None
+        self._cached_sys_prompts: set[tuple[int, ...]] = set()
+        self._lock = threading.Lock()
+        self._precompute_thread: threading.Thread | None = None
+
+    # ----- start-up -------------------------------------------------------------------------------
+    def plan(self) -> list[EngineSpec]:
+        """Engine specs without touching the machine beyond listing GPUs (what --dry-run prints)."""
+        s = self.settings
+        gpus: list[int] = [] if (s.simulate or s.attach) else choose_gpus(s, 2)
+        if s.attach and len(s.attach) != 2:
+            raise UserFacingError("--attach takes two URLs: the LMCache engine's, then the plain engine's.")
+        return blend.engine_specs(s, gpus)
+
+    def start(self) -> None:
+        """Preflight, start engines in parallel, wait for health (fail fast), load the tokenizer."""
+        s = self.settings
+        specs = self.plan()
+        check_lmcache_config(s.lmcache_config_path)
+        check_model(s)
+        if not s.attach:
+            for spec in specs:
+                check_port_free(spec.port, what=f"engine port ({spec.label})")
+        check_port_free(s.port, s.server_name, what="UI port")
+        self.builder = PromptBuilder(load_tokenizer(s.tokenizer_source, s.hf_token), self.library)
+        if not s.attach:
+            self.watchdog = Watchdog()
+        for spec in specs:
+            proc = None if s.attach else EngineProcess(spec, s.log_dir, self.watchdog)
+            self.engines.append(EngineHandle(spec, proc))
+        for h in self.engines:
+            if h.process:
+                h.process.start()
+        print(f"kvdemo: waiting for {len(self.engines)} engines (logs in {s.log_dir}/)…", flush=True)
+        with ThreadPoolExecutor(len(self.engines)) as pool:
+            results = list(pool.map(self._wait_ready, self.engines))
+        for h, startup in zip(self.engines, results):
+            h.startup_s = startup
+            print(f"kvdemo: {h.spec.label} ready in {startup:.1f} s at {h.spec.url}", flush=True)
+
+    def _wait_ready(self, h: EngineHandle) -> float:
+        t0 = time.monotonic()
+        if h.process:
+            try:
+                h.process.wait_healthy(self.settings.health_timeout_s)
+            except EngineError:
+                self.stop()  # fail fast: do not leave the other engine starting for minutes
+                raise
+        h.model_name = _served_model(h.spec.url, h.spec.label)
+        return time.monotonic() - t0
+
+    # ----- precompute -----------------------------------------------------------------------------
+    @property
+    def lmcache_engine(self) -> EngineHandle:
+        return next(h for h in self.engines if h.spec.lmcache)
+
+    def precompute_prompts(self) -> list[list[int]]:
+        assert self.builder is not None
+        return self.builder.precompute_prompts(list(self.library.chunks))
+
+    def start_precompute(self) -> threading.Thread:
+        """Precompute in a background thread (the UI shows progress); returns the thread."""
+        self._precompute_thread = threading.Thread(target=self.run_precompute, name="precompute", daemon=True)
+        self._precompute_thread.start()
+        return self._precompute_thread
+
+    def run_precompute(self) -> PrecomputeProgress:
+        prompts = self.precompute_prompts()
+
+        def report(p: PrecomputeProgress) -> None:
+            print(f"kvdemo: precompute {p.done}/{p.total} ({p.seconds:.2f} s)", flush=True)
+
+        async def go() -> None:
+            client = self.lmcache_engine.client()
+            try:
+                await precompute(client, prompts, self.progress, report)
+            finally:
+                await client.close()
+
+        try:
+            asyncio.run(go())
+            with self._lock:
+                self._cached_sys_prompts.add(tuple(prompts[0]))
+        except UserFacingError as exc:
+            self.progress.error = str(exc).splitlines()[0]
+            print(f"kvdemo: precompute failed: {exc}", flush=True)
+        return self.progress
+
+    async def ensure_sys_prompt_cached(self, sys_prompt: str) -> float | None:
+        """An edited system prompt is a new first segment: cache it before asking, or nothing is reused.
+
+        Returns the seconds it took, or None when it was already cached.
+        """
+        assert self.builder is not None
+        ids = tuple(self.builder.bos_ids + self.builder.sys_ids(sys_prompt))
+        with self._lock:
+            if ids in self._cached_sys_prompts:
+                return None
+        client = self.lmcache_engine.client()
+        try:
+            _, stats = await client.complete(list(ids), max_tokens=1)
+        finally:
+            await client.close()
+        with self._lock:
+            self._cached_sys_prompts.add(ids)
+        return stats.total_s
+
+    # ----- state for the UI -----------------------------------------------------------------------
+    @property
+    def shared_gpu(self) -> bool:
+        slots = [h.spec.slot for h in self.engines]
+        return any(s.shared for s in slots)
+
+    @property
+    def sequential(self) -> bool:
+        """Fair mode: on a shared GPU two prefills compete, so answer one engine after the other."""
+        f = self.settings.fairness
+        return f == "sequential" or (f == "auto" and self.shared_gpu)
+
+    def status_line(self) -> str:
+        parts = [f"{h.spec.label}: {h.status()}" for h in self.engines]
+        parts.append(self.progress.line())
+        if self.settings.simulate:
+            parts.append("SIMULATED engines")
+        return " · ".join(parts)
+
+    # ----- shutdown -------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Stop every engine we started (whole process trees), then the watchdog. Safe to call twice."""
+        procs = [h.process for h in self.engines if h.process and h.process.proc]
+        with ThreadPoolExecutor(max(1, len(procs))) as pool:
+            list(pool.map(lambda p: p.stop(), procs))
+        if self.watchdog:
+            self.watchdog.close()
+            self.watchdog = None
+
+
+def _served_model(url: str, label: str) -> str:
+    try:
+        r = httpx.get(f"{url}/v1/models", timeout=10)
+        r.raise_for_status()
+        return r.json()["data"][0]["id"]
+    except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
+        raise EngineError(f"{label} at {url} is up but /v1/models does not answer ({type(exc).__name__}); "
+                          "is it an OpenAI-compatible server?", label) from exc

@@ -1,0 +1,251 @@
+"""A simulated OpenAI-compatible engine, so the whole app runs and is tested without a GPU.
+
+It is a real HTTP server (FastAPI + uvicorn) started as a subprocess by the same process manager as
+`vllm serve`, with the endpoints the app uses: /health, /v1/models and streaming /v1/completions with
+token-id prompts. TTFT is modelled from the number of tokens that must be computed:
+
+- plain mode: vLLM-style prefix caching (blocks of 16 tokens, reuse only of an identical prefix);
+- lmcache mode: LMCache-style blending (the prompt is split on the separator ids; every segment seen
+  before is loaded and a fraction of it recomputed, in any order), with a store shared through a
+  directory when `--store-dir` is given (as LMCache's fs connector shares between engines).
+
+The constants are rough H100 / Mistral-7B figures (../shared/GPU.md) so the demo looks plausible, but
+every number that comes from here is SIMULATED and the app labels it so. Text is deterministic noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import logging
+import random
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BLOCK = 16  # vLLM's prefix-cache block size
+WORDS = ("simulated lmcache kv cache token chunk blend prefix reuse engine answer python reference section "
+         "model latency decode prefill layer attention store load").split()
+log = logging.getLogger("kvdemo.simulate")
+
+
+@dataclass
+class CostModel:
+    """Seconds per phase. `speed` > 1 shrinks every delay (tests), keeping the ratios."""
+
+    base_s: float = 0.03
+    prefill_s_per_token: float = 30e-6  # ~0.49 s for 16K uncached tokens
+    blend_overhead_s: float = 0.08  # LMCache's per-request blending floor
+    recompute_ratio: float = 0.15  # share of reused tokens recomputed when blending
+    load_s_per_token: float = 2.5e-6  # KV transfer of reused tokens
+    decode_tok_s: float = 60.0
+    speed: float = 1.0
+
+    def scaled(self, seconds: float) -> float:
+        return seconds / self.speed
+
+
+@dataclass
+class SegmentStore:
+    """Which KV segments are stored: in memory, or as files in a directory shared between engines."""
+
+    directory: Path | None = None
+    known: set[str] = field(default_factory=set)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.known or (self.directory is not None and (self.directory / key).exists())
+
+    def add(self, key: str, n_tokens: int) -> None:
+        self.known.add(key)
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            # Size as real KV would take (128 KiB per token for Mistral-7B), kept sparse on disk.
+            path = self.directory / key
+            with open(path, "wb") as f:
+                f.truncate(n_tokens * 128 * 1024)
+
+
+def _hash(ids: list[int] | tuple[int, ...]) -> str:
+    return hashlib.sha1(json.dumps(list(ids)).encode()).hexdigest()[:20]
+
+
+def split_segments(ids: list[int], sep: list[int]) -> list[list[int]]:
+    """Split on every occurrence of sep (as LMCache's SegmentTokenDatabase does)."""
+    if not sep:
+        return [ids]
+    out, start, i, n = [], 0, 0, len(sep)
+    while i <= len(ids) - n:
+        if ids[i:i + n] == sep:
+            out.append(ids[start:i])
+            i += n
+            start = i
+        else:
+            i += 1
+    out.append(ids[start:])
+    return out
+
+
+class SimulatedEngine:
+    """The cache state and timing model of one engine."""
+
+    def __init__(self, mode: str, sep_ids: list[int], costs: CostModel, store: SegmentStore,
+                 max_model_len: int) -> None:
+        self.mode = mode
+        self.sep_ids = sep_ids
+        self.costs = costs
+        self.store = store
+        self.max_model_len = max_model_len
+        self.prefix_blocks: set[str] = set()
+
+    def prefill_seconds(self, ids: list[int], save: bool) -> tuple[float, int]:
+        """Simulated prefill time and how many prompt tokens were reused from cache."""
+        c = self.costs
+        if self.mode == "plain":
+            reused = 0
+            for end in range(BLOCK, len(ids) + 1, BLOCK):
+                if _hash(ids[:end]) not in self.prefix_blocks:
+                    break
+                reused = end
+            reused = min(reused, len(ids) - 1)  # the last token is always computed
+            for end in range(BLOCK, len(ids) + 1, BLOCK):
+                self.prefix_blocks.add(_hash(ids[:end]))
+            return c.base_s + (len(ids) - reused) * c.prefill_s_per_token, reused
+        segments = split_segments(ids, self.sep_ids)
+        reused = 0
+        for seg in segments:  # LMCache's lookup is a prefix match over segments
+            if seg and _hash(seg) in self.store:
+                reused += len(seg)
+            else:
+                break
+        if save:
+            for seg in segments:
+                if seg:
+                    self.store.add(_hash(seg), len(seg))
+        computed = len(ids) - reused
+        seconds = c.base_s + computed * c.prefill_s_per_token
+        if reused:
+            seconds += c.blend_overhead_s + reused * (c.recompute_ratio * c.prefill_s_per_token + c.load_s_per_token)
+        log.info("LMCache hit tokens: %d, need to load: %d (SIMULATED)", reused, reused)
+        return seconds, reused
+
+
+def build_app(engine: SimulatedEngine, model_name: str):
+    """FastAPI app with the OpenAI-compatible subset the demo uses."""
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    app = FastAPI(title="kvdemo simulated engine (SIMULATED)")
+    lock = asyncio.Lock()  # one prefill at a time, like one GPU
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "kvdemo-simulated",
+                                            "max_model_len": engine.max_model_len}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: dict):
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], list):
+            prompt = prompt[0]
+        if not isinstance(prompt, list) or not all(isinstance(t, int) for t in prompt):
+            return _error("kvdemo's simulated engine takes token-id prompts (a list of ints).")
+        max_tokens = int(body.get("max_tokens") or 16)
+        if len(prompt) + max_tokens > engine.max_model_len:
+            return _error(f"This model's maximum context length is {engine.max_model_len} tokens. However, you "
+                          f"requested {len(prompt) + max_tokens} tokens ({len(prompt)} in the messages, "
+                          f"{max_tokens} in the completion).")
+        params = body.get("kv_transfer_params") or {}
+        save = not params.get("lmcache.skip_save", False)
+        start = time.perf_counter()
+        async with lock:
+            prefill_s, reused = engine.prefill_seconds(prompt, save)
+            await asyncio.sleep(engine.costs.scaled(prefill_s))
+        words = _answer_words(prompt, max_tokens, body.get("ignore_eos", False))
+        created = int(time.time())
+        rid = f"cmpl-sim-{_hash(prompt)[:8]}-{created}"
+
+        def chunk(text: str, finish: str | None = None, usage: dict | None = None) -> dict:
+            choices = [] if usage else [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]
+            return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
+                    "choices": choices, "usage": usage}
+
+        usage = {"prompt_tokens": len(prompt), "completion_tokens": len(words),
+                 "total_tokens": len(prompt) + len(words),
+                 "prompt_tokens_details": {"cached_tokens": reused}}
+        if not body.get("stream"):
+            await asyncio.sleep(engine.costs.scaled(len(words) / engine.costs.decode_tok_s))
+            return {**chunk("".join(words), "length"), "usage": usage}
+
+        async def events() -> AsyncIterator[str]:
+            for i, word in enumerate(words):
+                if i:
+                    await asyncio.sleep(engine.costs.scaled(1 / engine.costs.decode_tok_s))
+                last = i == len(words) - 1
+                yield f"data: {json.dumps(chunk(word, 'length' if last else None))}\n\n"
+            if (body.get("stream_options") or {}).get("include_usage"):
+                yield f"data: {json.dumps(chunk('', usage=usage))}\n\n"
+            yield "data: [DONE]\n\n"
+            log.info("request %s: %d prompt tokens, %d reused, %.3f s to first token (SIMULATED)",
+                     rid, len(prompt), reused, time.perf_counter() - start)
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    def _error(message: str):
+        return JSONResponse(status_code=400, content={"object": "error", "message": message,
+                                                      "type": "BadRequestError", "code": 400})
+
+    return app
+
+
+def _answer_words(prompt: list[int], max_tokens: int, ignore_eos: bool) -> list[str]:
+    """Deterministic filler text, one word per token, labelled as simulated."""
+    rng = random.Random(_hash(prompt))
+    n = max_tokens if ignore_eos else min(max_tokens, rng.randint(24, 64))
+    words = ["[SIMULATED]"] + [rng.choice(WORDS) for _ in range(n - 1)]
+    return [(" " if i else "") + w for i, w in enumerate(words[:n])]
+
+
+def separator_ids(model: str, config_path: Path | None) -> list[int]:
+    """The blend separator's ids, computed as LMCache does (encode, drop the first id)."""
+    from .prompts import DEFAULT_SEPARATOR, load_tokenizer
+
+    sep = DEFAULT_SEPARATOR
+    if config_path and config_path.is_file():
+        import yaml
+
+        sep = (yaml.safe_load(config_path.read_text()) or {}).get("blend_special_str", sep)
+    return list(load_tokenizer(model).encode(sep))[1:]
+
+
+def main() -> None:
+    from .config import DEFAULT_MODEL, SIM_TOKENIZER_DIR
+
+    ap = argparse.ArgumentParser(description="kvdemo simulated OpenAI-compatible engine (SIMULATED timings)")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--mode", choices=["lmcache", "plain"], required=True)
+    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--max-model-len", type=int, default=32768)
+    ap.add_argument("--lmcache-config", type=Path)
+    ap.add_argument("--store-dir", type=Path, help="share stored segments with other engines through here")
+    ap.add_argument("--speed", type=float, default=1.0, help="divide every simulated delay by this")
+    a = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    tokenizer_source = str(SIM_TOKENIZER_DIR) if a.model == DEFAULT_MODEL else a.model
+    engine = SimulatedEngine(a.mode, separator_ids(tokenizer_source, a.lmcache_config), CostModel(speed=a.speed),
+                             SegmentStore(a.store_dir), a.max_model_len)
+    log.info("SIMULATED %s engine for %s on port %d", a.mode, a.model, a.port)
+    import uvicorn
+
+    uvicorn.run(build_app(engine, a.model), host=a.host, port=a.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

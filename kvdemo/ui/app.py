@@ -1,0 +1,220 @@
+"""The Gradio Blocks page of the blending demo: context on the left, 🚀 and 🐢 answering side by side.
+
+`build_ui` lays out the page and wires callbacks; the logic of a turn lives in ui/session.py. Per-session
+data is in a gr.State (ChatState); the Runtime (engines) is shared by nature.
+"""
+
+from __future__ import annotations
+
+import random
+
+import gradio as gr
+
+from ..client import RequestStats
+from ..config import Settings
+from ..errors import UserFacingError
+from ..runtime import DEFAULT_CONTEXT_TOKENS, Runtime
+from .session import MAX_TEMPERATURE, ChatState, EngineReply, speedup, stream_turn, validate_turn
+
+PANES = ("lmcache", "plain")
+WHY_LONG = ("Blending pays off on **long contexts**: it saves the prefill of reused chunks but costs a fixed "
+            "~0.1–0.2 s to load and partly recompute them. Measured on an H100: 1.2× at 8K tokens, 1.5× at 16K, "
+            "2× at 24K with stock settings — short contexts gain little or nothing.")
+CSS = """
+#speedup {font-size: 1.3em}
+.sim-banner {background: #fff3cd; color: #664d03; padding: 6px 12px; border-radius: 6px; font-weight: 600}
+"""
+
+
+def sharing_warning(s: Settings) -> str | None:
+    """Public links and 0.0.0.0 expose engines that cost GPU time: warn when no login is required."""
+    if (s.share or s.server_name == "0.0.0.0") and not s.auth:
+        where = "a public Gradio link (--share)" if s.share else f"all interfaces ({s.server_name})"
+        return f"the UI is open to anyone via {where} without a login; add --auth user:password."
+    return None
+
+
+def launch_kwargs(s: Settings) -> dict:
+    return dict(server_name=s.server_name, server_port=s.port, share=s.share, auth=s.auth, show_error=False,
+                quiet=True, css=CSS, theme=gr.themes.Soft(), footer_links=[])
+
+
+def _sim(runtime: Runtime) -> str:
+    return " (SIMULATED)" if runtime.settings.simulate else ""
+
+
+def stats_markdown(stats: RequestStats | None, runtime: Runtime) -> str:
+    if stats is None:
+        return ""
+    tok_s = f"{stats.decode_tok_s:.0f} tok/s" if stats.decode_tok_s else "n/a"
+    return (f"TTFT **{stats.ttft_s:.3f} s** · decode {tok_s} · {stats.prompt_tokens:,} prompt tokens"
+            f"{_sim(runtime)}")
+
+
+def speedup_markdown(state: ChatState, runtime: Runtime) -> str:
+    x = speedup(state.last_stats)
+    if x is None:
+        return ""
+    verdict = "faster" if x >= 1 else "slower (short context: blending has a fixed cost)"
+    return f"🚀 **{x:.1f}×** {verdict} to first token than 🐢{_sim(runtime)}"
+
+
+def mode_markdown(runtime: Runtime) -> str:
+    if runtime.sequential:
+        why = " — both engines share one GPU, and concurrent prefills would skew TTFT" if runtime.shared_gpu else ""
+        return f"Answer mode: **sequential** (🚀 first, then 🐢){why}."
+    return "Answer mode: **concurrent** (engines on separate GPUs answer at once)."
+
+
+def _reply_message(reply: EngineReply, runtime: Runtime) -> str:
+    if reply.error:
+        text = reply.text + ("\n\n" if reply.text else "")
+        first, _, rest = reply.error.partition("\n")
+        return text + f"⚠️ {first}" + (f"\n```\n{rest.strip()}\n```" if rest.strip() else "")
+    if reply.stats:
+        return reply.text + f"\n\n`TTFT {reply.stats.ttft_s:.3f} s`{_sim(runtime)}"
+    return reply.text or "…"
+
+
+def build_ui(runtime: Runtime) -> gr.Blocks:
+    builder = runtime.builder
+    assert builder is not None
+    library = runtime.library
+    titles = library.titles()
+    choices = [(f"{titles[n]}  ({len(builder.chunk_ids(n)):,} tok)", n) for n in library.chunks]
+    default_chunks = builder.default_selection(DEFAULT_CONTEXT_TOKENS, runtime.settings.max_model_len - 512)
+    handles = {h.spec.key: h for h in runtime.engines}
+    labels = [h.spec.label for h in runtime.engines]
+
+    def context_info(names: list[str] | None, sys_prompt: str) -> tuple[str, str]:
+        names = list(names or [])
+        n = builder.context_tokens(names, sys_prompt)
+        limit = runtime.settings.max_model_len
+        over = f" — over the limit of {limit:,} (--max-model-len)!" if n >= limit else ""
+        order = " → ".join(titles.get(x, x) for x in names) or "(no chunks: question only)"
+        return (f"**Context: {n:,} tokens**, {len(names)} chunks{over}  \nOrder: {order}",
+                builder.display_text(names, sys_prompt))
+
+    def move(names: list[str] | None, target: str | None, step: int) -> list[str]:
+        names = list(names or [])
+        if target in names:
+            i = names.index(target)
+            j = max(0, min(len(names) - 1, i + step))
+            names[i], names[j] = names[j], names[i]
+        return names
+
+    def shuffled(names: list[str] | None) -> list[str]:
+        names = list(names or [])
+        random.shuffle(names)
+        return names
+
+    def prepare(question, names, sys_prompt, temperature, max_tokens, engines, state: ChatState):
+        state.pending = None
+        try:
+            turn = validate_turn(runtime, question, names, sys_prompt, temperature, max_tokens, engines)
+        except UserFacingError as exc:
+            return state, f"⚠️ {exc}", *_chats(state), gr.update()
+        notes = [turn.note] if turn.note else []
+        if not runtime.progress.finished:
+            notes.append(f"Precompute still running ({runtime.progress.line()}): 🚀 may not reuse every chunk yet.")
+        for key in turn.engine_keys:
+            state.histories.setdefault(key, []).extend([
+                {"role": "user", "content": turn.question},
+                {"role": "assistant", "content": "…"},
+            ])
+            state.last_stats.pop(key, None)
+        state.pending = turn
+        return state, " ".join(notes), *_chats(state), ""
+
+    def _chats(state: ChatState) -> list[list[dict]]:
+        return [list(state.histories.get(k, [])) for k in PANES]
+
+    async def stream(sys_prompt: str, state: ChatState):
+        turn = state.pending
+        if turn is None:
+            return
+        state.pending = None
+        try:
+            await runtime.ensure_sys_prompt_cached(sys_prompt)
+        except UserFacingError:
+            pass  # the LMCache engine's own reply will carry the error
+        async for replies in stream_turn(runtime, turn):
+            for key, reply in replies.items():
+                state.histories[key][-1] = {"role": "assistant", "content": _reply_message(reply, runtime)}
+                if reply.stats and not reply.error:
+                    state.last_stats[key] = reply.stats
+            yield (*_chats(state), *[stats_markdown(state.last_stats.get(k), runtime) for k in PANES],
+                   speedup_markdown(state, runtime), state)
+
+    def clear(state: ChatState):
+        state.clear()
+        return state, [], [], "", "", ""
+
+    with gr.Blocks(title="kvdemo: LMCache vs plain vLLM") as demo:
+        state = gr.State(ChatState())  # deep-copied for each browser session
+        gr.Markdown("# 🚀 vLLM + LMCache vs 🐢 plain vLLM\nPick text chunks in any order, ask a question, and "
+                    "watch both engines answer. 🚀 reuses each chunk's KV cache (CacheBlend), in any order; "
+                    "🐢 can only reuse an identical prefix.")
+        if runtime.settings.simulate:
+            gr.Markdown("SIMULATED: no GPU — engines are simulated and every timing is SIMULATED, "
+                        "not a measurement.", elem_classes="sim-banner", elem_id="sim-banner")
+        status = gr.Markdown(runtime.status_line(), elem_id="status")
+        with gr.Row():
+            with gr.Column(scale=2):
+                sys_prompt = gr.Textbox(library.sys_prompt, label="System prompt (editable)", lines=3,
+                                        elem_id="sys-prompt")
+                chunks = gr.Dropdown(choices, value=default_chunks, multiselect=True, label="Chunks, in order",
+                                     info="Selection order is prompt order.", elem_id="chunks")
+                with gr.Row():
+                    move_target = gr.Dropdown(choices, value=None, label="Move chunk", elem_id="move-chunk",
+                                              scale=3)
+                    up = gr.Button("⬆ Up", elem_id="btn-up", size="sm", scale=1)
+                    down = gr.Button("⬇ Down", elem_id="btn-down", size="sm", scale=1)
+                with gr.Row():
+                    reverse = gr.Button("⇅ Reverse order", elem_id="btn-reverse", size="sm")
+                    shuffle = gr.Button("🔀 Shuffle", elem_id="btn-shuffle", size="sm")
+                info0, text0 = context_info(default_chunks, library.sys_prompt)
+                info = gr.Markdown(info0, elem_id="context-info")
+                with gr.Accordion("Assembled context (⟪ # # ⟫ = separator between cached chunks)", open=False):
+                    context_view = gr.Textbox(text0, show_label=False, lines=14, max_lines=14, interactive=False,
+                                              elem_id="context-view")
+                gr.Markdown(WHY_LONG)
+            with gr.Column(scale=3):
+                with gr.Row():
+                    chats, stats = [], []
+                    for key in PANES:
+                        with gr.Column():
+                            label = handles[key].spec.label + _sim(runtime)
+                            chats.append(gr.Chatbot(label=label, height=380, elem_id=f"chat-{key}",
+                                                    feedback_options=None))
+                            stats.append(gr.Markdown(elem_id=f"stats-{key}"))
+                badge = gr.Markdown(elem_id="speedup")
+                notice = gr.Markdown(elem_id="notice")
+                question = gr.Textbox(label="Question", placeholder="e.g. How does Python resolve names in a class "
+                                      "body?", elem_id="question")
+                with gr.Row():
+                    ask = gr.Button("Ask", variant="primary", elem_id="ask")
+                    clear_btn = gr.Button("Clear chat", elem_id="clear")
+                with gr.Accordion("Generation settings", open=False):
+                    temperature = gr.Slider(0.0, MAX_TEMPERATURE, value=0.0, step=0.05, label="Temperature",
+                                            elem_id="temperature")
+                    max_tokens = gr.Slider(1, 2048, value=128, step=1, label="Max tokens", elem_id="max-tokens")
+                    engines = gr.CheckboxGroup(labels, value=labels, label="Engines that answer",
+                                               elem_id="engines")
+                gr.Markdown(mode_markdown(runtime), elem_id="mode")
+
+        for trigger in (chunks.change, sys_prompt.change):
+            trigger(context_info, [chunks, sys_prompt], [info, context_view], queue=False)
+        up.click(lambda n, t: move(n, t, -1), [chunks, move_target], chunks, queue=False)
+        down.click(lambda n, t: move(n, t, +1), [chunks, move_target], chunks, queue=False)
+        reverse.click(lambda n: list(reversed(n or [])), chunks, chunks, queue=False)
+        shuffle.click(shuffled, chunks, chunks, queue=False)
+        inputs = [question, chunks, sys_prompt, temperature, max_tokens, engines, state]
+        prepared_outputs = [state, notice, *chats, question]
+        streamed_outputs = [*chats, *stats, badge, state]
+        for trigger in (ask.click, question.submit):
+            trigger(prepare, inputs, prepared_outputs, queue=False).then(stream, [sys_prompt, state],
+                                                                         streamed_outputs)
+        clear_btn.click(clear, state, [state, *chats, *stats, badge], queue=False)
+        gr.Timer(2.0).tick(runtime.status_line, None, status, queue=False)
+    return demo

@@ -1,0 +1,142 @@
+"""One browser session's chat: validation of a turn, and streaming it to the chosen engines.
+
+Kept free of Gradio so the logic is testable on its own; ui/app.py only wires it to components.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from ..client import Finished, RequestStats, TextDelta
+from ..errors import EngineError, UserFacingError
+from ..runtime import Runtime
+
+MAX_TEMPERATURE = 2.0
+ANSWER_RESERVE_TOKENS = 1
+
+
+@dataclass
+class Turn:
+    """A validated question, ready to send: the same token ids go to every engine."""
+
+    question: str
+    chunk_names: list[str]
+    prompt_ids: list[int]
+    engine_keys: list[str]
+    temperature: float
+    max_tokens: int
+    note: str = ""
+
+
+@dataclass
+class EngineReply:
+    text: str = ""
+    stats: RequestStats | None = None
+    error: str | None = None
+    done: bool = False
+
+
+@dataclass
+class ChatState:
+    """Everything one browser session owns: its histories (per engine) and the turn in flight."""
+
+    histories: dict[str, list[dict]] = field(default_factory=dict)
+    last_stats: dict[str, RequestStats] = field(default_factory=dict)
+    pending: Turn | None = None
+
+    def clear(self) -> None:
+        self.histories.clear()
+        self.last_stats.clear()
+        self.pending = None
+
+
+def validate_turn(runtime: Runtime, question: str, chunk_names: list[str] | None, sys_prompt: str,
+                  temperature: float, max_tokens: int, engine_labels: list[str] | None) -> Turn:
+    """Every user mistake becomes a UserFacingError with a message saying what to do."""
+    builder = runtime.builder
+    assert builder is not None
+    question = (question or "").strip()
+    if not question:
+        raise UserFacingError("Type a question first.")
+    if temperature is None or not 0.0 <= float(temperature) <= MAX_TEMPERATURE:
+        raise UserFacingError(f"Temperature must be between 0 and {MAX_TEMPERATURE}.")
+    max_tokens = int(max_tokens or 0)
+    if max_tokens < 1:
+        raise UserFacingError("Max tokens must be at least 1.")
+    labels = {h.spec.label: h.spec.key for h in runtime.engines}
+    keys = [labels[x] for x in (engine_labels or []) if x in labels]
+    if not keys:
+        raise UserFacingError("Tick at least one engine to answer.")
+    names = list(chunk_names or [])
+    unknown = [n for n in names if n not in runtime.library.chunks]
+    if unknown:
+        raise UserFacingError(f"Unknown chunk {unknown[0]!r}: reload the page.")
+    ids = builder.build(names, question, sys_prompt)
+    limit = runtime.settings.max_model_len
+    if len(ids) + max_tokens > limit:
+        raise UserFacingError(f"Context is {len(ids):,} tokens + {max_tokens} to generate, over the model's limit of "
+                              f"{limit:,} (--max-model-len): deselect chunks or lower max tokens.")
+    note = "" if names else "No chunks selected: answering from the question alone (nothing to reuse)."
+    return Turn(question, names, ids, keys, float(temperature), max_tokens, note)
+
+
+async def stream_turn(runtime: Runtime, turn: Turn) -> AsyncIterator[dict[str, EngineReply]]:
+    """Yield every engine's reply so far, each time any of them advances.
+
+    Sequential ("fair") mode runs the engines one after the other, concurrent mode at once; engines that
+    fail get an error in their reply and the others carry on.
+    """
+    handles = [h for h in runtime.engines if h.spec.key in turn.engine_keys]
+    replies = {h.spec.key: EngineReply() for h in handles}
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def run_one(h) -> None:
+        reply = replies[h.spec.key]
+        client = h.client()
+        try:
+            async for event in client.stream(turn.prompt_ids, turn.max_tokens, turn.temperature,
+                                             skip_save=h.spec.lmcache):
+                if isinstance(event, TextDelta):
+                    reply.text += event.text
+                elif isinstance(event, Finished):
+                    reply.stats = event.stats
+                await queue.put(h.spec.key)
+        except EngineError as exc:
+            alive = h.process is None or h.process.alive()
+            reply.error = exc.short if alive else str(h.error_with_log(f"{h.spec.label} crashed."))
+        except UserFacingError as exc:
+            reply.error = str(exc)
+        finally:
+            reply.done = True
+            await client.close()
+            await queue.put(h.spec.key)
+
+    if runtime.sequential:
+        async def run_all() -> None:
+            for h in handles:
+                await run_one(h)
+        tasks = [asyncio.create_task(run_all())]
+    else:
+        tasks = [asyncio.create_task(run_one(h)) for h in handles]
+    last_yield = 0.0
+    try:
+        while not all(r.done for r in replies.values()):
+            await queue.get()
+            now = time.monotonic()
+            if now - last_yield >= 0.05 or all(r.done for r in replies.values()):
+                last_yield = now
+                yield replies
+        yield replies
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def speedup(stats: dict[str, RequestStats]) -> float | None:
+    fast, slow = stats.get("lmcache"), stats.get("plain")
+    if fast is None or slow is None or fast.ttft_s <= 0:
+        return None
+    return slow.ttft_s / fast.ttft_s
