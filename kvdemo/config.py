@@ -169,8 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_settings(argv: list[str] | None = None) -> Settings:
     """Flags (then env, then defaults) → Settings. Invalid combinations raise UserFacingError."""
-    parser = build_parser()
-    a = parser.parse_args(argv)
+    return settings_from_args(build_parser().parse_args(argv))
+
+
+def settings_from_args(a: argparse.Namespace) -> Settings:
+    """Settings from parsed app flags (tools like kvdemo.bench add their own flags to the same parser)."""
     gpus = _int_list(a.gpus) if isinstance(a.gpus, str) else a.gpus
     ports = _int_list(a.engine_ports) if isinstance(a.engine_ports, str) else a.engine_ports
     auth = _auth(a.auth) if isinstance(a.auth, str) else a.auth

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from .config import GpuSlot, Settings
+from .config import GpuSlot
 from .errors import EngineError
 
 log = logging.getLogger(__name__)

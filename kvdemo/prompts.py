@@ -64,7 +64,7 @@ def read_chunk(path: Path) -> Chunk:
     text = _read_text(path).strip()
     if not text:
         raise UserFacingError(f"Chunk file {path} is empty: remove it or put text in it.")
-    first, _, rest = text.partition("\n")
+    first, _, _ = text.partition("\n")
     title = first.lstrip("#").strip() if first.startswith("#") else path.stem
     return Chunk(name=path.stem, title=title, text=text)
 
@@ -140,16 +140,22 @@ class PromptBuilder:
 
     def build(self, chunk_names: list[str], question: str, sys_prompt: str | None = None) -> list[int]:
         """[BOS] + sys + SEP + c1 + ... + SEP + cN + SEP + question, as token ids."""
-        ids = self.bos_ids + self.sys_ids(sys_prompt)
-        for name in chunk_names:
-            ids += self.sep_ids + self.chunk_ids(name)
-        return ids + self.sep_ids + self.question_ids(question)
+        return self.assemble(self.sys_ids(sys_prompt), [self.chunk_ids(n) for n in chunk_names],
+                             self.question_ids(question))
+
+    def assemble(self, sys_ids: list[int], chunks: list[list[int]], question_ids: list[int]) -> list[int]:
+        """The blending layout from already tokenized pieces (benchmarks splice synthetic chunks here)."""
+        ids = self.bos_ids + sys_ids
+        for chunk in chunks:
+            ids += self.sep_ids + chunk
+        return ids + self.sep_ids + question_ids
 
     def precompute_prompts(self, chunk_names: list[str], sys_prompt: str | None = None) -> list[list[int]]:
         """`[BOS] + sys`, then `[BOS] + SEP + ci` for each chunk: each stores one segment's KV."""
-        prompts = [self.bos_ids + self.sys_ids(sys_prompt)]
-        prompts += [self.bos_ids + self.sep_ids + self.chunk_ids(n) for n in chunk_names]
-        return prompts
+        return self.precompute_layout(self.sys_ids(sys_prompt), [self.chunk_ids(n) for n in chunk_names])
+
+    def precompute_layout(self, sys_ids: list[int], chunks: list[list[int]]) -> list[list[int]]:
+        return [self.bos_ids + sys_ids] + [self.bos_ids + self.sep_ids + c for c in chunks]
 
     def context_tokens(self, chunk_names: list[str], sys_prompt: str | None = None) -> int:
         """Tokens of everything but the question (what the context panel counts)."""

@@ -22,13 +22,13 @@ import json
 import logging
 import random
 import time
+from array import array
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 BLOCK = 16  # vLLM's prefix-cache block size
-WORDS = ("simulated lmcache kv cache token chunk blend prefix reuse engine answer python reference section "
-         "model latency decode prefill layer attention store load").split()
+WORDS = ["simulated", "lmcache", "kv", "cache", "token", "chunk", "blend", "prefix", "reuse", "engine", "answer", "python", "reference", "section", "model", "latency", "decode", "prefill", "layer", "attention", "store", "load"]
 log = logging.getLogger("kvdemo.simulate")
 
 
@@ -68,8 +68,17 @@ class SegmentStore:
                 f.truncate(n_tokens * 128 * 1024)
 
 
-def _hash(ids: list[int] | tuple[int, ...]) -> str:
-    return hashlib.sha1(json.dumps(list(ids)).encode()).hexdigest()[:20]
+def _hash(ids: list[int] | tuple[int, ...], prev: str = "") -> str:
+    return hashlib.sha1(prev.encode() + array("q", ids).tobytes()).hexdigest()[:20]
+
+
+def prefix_block_hashes(ids: list[int]) -> list[str]:
+    """Chained hashes of full 16-token blocks, as vLLM's prefix cache keys them (O(n), not O(n^2))."""
+    hashes, prev = [], ""
+    for end in range(BLOCK, len(ids) + 1, BLOCK):
+        prev = _hash(ids[end - BLOCK:end], prev)
+        hashes.append(prev)
+    return hashes
 
 
 def split_segments(ids: list[int], sep: list[int]) -> list[list[int]]:
@@ -105,13 +114,13 @@ class SimulatedEngine:
         c = self.costs
         if self.mode == "plain":
             reused = 0
-            for end in range(BLOCK, len(ids) + 1, BLOCK):
-                if _hash(ids[:end]) not in self.prefix_blocks:
+            hashes = prefix_block_hashes(ids)
+            for h in hashes:
+                if h not in self.prefix_blocks:
                     break
-                reused = end
+                reused += BLOCK
             reused = min(reused, len(ids) - 1)  # the last token is always computed
-            for end in range(BLOCK, len(ids) + 1, BLOCK):
-                self.prefix_blocks.add(_hash(ids[:end]))
+            self.prefix_blocks.update(hashes)
             return c.base_s + (len(ids) - reused) * c.prefill_s_per_token, reused
         segments = split_segments(ids, self.sep_ids)
         reused = 0

@@ -12,10 +12,10 @@ PLAIN_LABEL = "🐢 plain vLLM"
 def engine_specs(settings: Settings, gpus: list[int]) -> list[EngineSpec]:
     """LMCache engine first, plain engine second; with 2+ GPUs each gets its own GPU."""
     slots = plan_gpus(2, [] if settings.simulate else gpus)
-    common = dict(model=settings.model, max_model_len=settings.max_model_len, simulate=settings.simulate,
-                  extra_args=settings.engine_args, gpu_memory_utilization=settings.gpu_memory_utilization,
-                  kv_cache_gib=settings.kv_cache_gib, local_model=settings.is_local_model,
-                  sim_speed=settings.sim_speed)
+    common = {"model": settings.model, "max_model_len": settings.max_model_len, "simulate": settings.simulate,
+              "extra_args": settings.engine_args, "gpu_memory_utilization": settings.gpu_memory_utilization,
+              "kv_cache_gib": settings.kv_cache_gib, "local_model": settings.is_local_model,
+              "sim_speed": settings.sim_speed}
     attach = settings.attach or [None, None]
     return [
         EngineSpec(key="lmcache", label=LMCACHE_LABEL, lmcache=True, port=settings.engine_ports[0],

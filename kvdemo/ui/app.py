@@ -35,8 +35,8 @@ def sharing_warning(s: Settings) -> str | None:
 
 
 def launch_kwargs(s: Settings) -> dict:
-    return dict(server_name=s.server_name, server_port=s.port, share=s.share, auth=s.auth, show_error=False,
-                quiet=True, css=CSS, theme=gr.themes.Soft(), footer_links=[])
+    return {"server_name": s.server_name, "server_port": s.port, "share": s.share, "auth": s.auth,
+            "show_error": False, "quiet": True, "css": CSS, "theme": gr.themes.Soft(), "footer_links": []}
 
 
 def _sim(runtime: Runtime) -> str:

@@ -1,0 +1,282 @@
+"""TTFT benchmark of blending vs plain vLLM, against the engines the app starts (same Runtime code path).
+
+    python -m kvdemo.bench --model DIR --engine-args "--load-format dummy" [--contexts 4000,8000,16000,24000]
+
+For each context size and repeat, fresh chunk text (a unique nonce at the start of every chunk) makes sure
+nothing is cached by accident. Per repeat, requests go one at a time:
+
+    plain: cold (order A, q1) → prefix hit (order A, q2) → reordered (order B, q3; long decode)
+    LMCache: cold (A, q1) → precompute chunks → same order (A, q2) → reordered (B, q3; long decode)
+
+Blended questions are sent with `lmcache.skip_save` (they are not chunks worth keeping), exactly as the UI
+does. Writes benchmarks/results/blend-<gpu>.json and a PNG plot (plot needs matplotlib; `--plot-only
+FILE.json` redraws it on another machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import re
+import shlex
+import signal
+import statistics
+import sys
+import time
+import uuid
+from importlib import metadata
+from pathlib import Path
+
+from .client import EngineClient, RequestStats
+from .config import REPO_ROOT, build_parser, settings_from_args
+from .errors import UserFacingError
+from .main import _raise_exit, headless
+from .preflight import detect_gpus
+from .prompts import PromptBuilder
+from .runtime import Runtime
+
+log = logging.getLogger(__name__)
+CHUNKS_PER_PROMPT = 8
+TTFT_KEYS = ("plain_cold_ttft_s", "plain_prefix_hit_ttft_s", "plain_reordered_ttft_s", "blend_cold_ttft_s",
+             "blend_same_order_ttft_s", "blend_reordered_ttft_s")
+EVIDENCE_PATTERNS = ("Registering vllm model", "Creating blender", "kvdemo plugin: applied", "LMCache hit tokens",
+                     "Number of indices picked", "Retrieved", "kvdemo-profile")
+
+
+def synthetic_chunks(builder: PromptBuilder, n: int, tokens_each: int, tag: str) -> list[list[int]]:
+    """n chunks of ~tokens_each ids: a unique nonce line, then real corpus text (offset per chunk)."""
+    pool = [t for name in builder.library.chunks for t in builder.chunk_ids(name)]
+    chunks = []
+    for i in range(n):
+        nonce = list(builder.tokenizer.encode(f"Revision {tag}-{i}: ", add_special_tokens=False))
+        body_len = max(1, tokens_each - len(nonce))
+        start = (i * len(pool) // n) % len(pool)
+        body = (pool[start:] + pool)[:body_len]
+        chunks.append(nonce + body)
+    return chunks
+
+
+async def _ask(client: EngineClient, ids: list[int], max_tokens: int = 1, **kw) -> RequestStats:
+    _, stats = await client.complete(ids, max_tokens=max_tokens, temperature=0.0, **kw)
+    return stats
+
+
+async def run_repeat(runtime: Runtime, context_tokens: int, decode_tokens: int, tag: str) -> dict:
+    """One repeat of one case: every TTFT of the protocol above, with fresh chunks."""
+    builder = runtime.builder
+    assert builder is not None
+    sys_ids = builder.sys_ids()
+    questions = [builder.question_ids(f"Question {tag}-{k}: which section explains how names are bound, "
+                                      f"and what does it say?") for k in range(3)]
+    per_chunk = (context_tokens - len(sys_ids) - len(questions[0])) // CHUNKS_PER_PROMPT - len(builder.sep_ids)
+    chunks = synthetic_chunks(builder, CHUNKS_PER_PROMPT, per_chunk, tag)
+    order_b = chunks[::-1]
+    prompt_a1, prompt_a2 = (builder.assemble(sys_ids, chunks, q) for q in questions[:2])
+    prompt_b3 = builder.assemble(sys_ids, order_b, questions[2])
+    plain = next(h for h in runtime.engines if not h.spec.lmcache).client()
+    blend = runtime.lmcache_engine.client()
+    try:
+        r: dict = {"context_tokens": len(prompt_a1)}
+        r["plain_cold_ttft_s"] = (await _ask(plain, prompt_a1)).ttft_s
+        r["plain_prefix_hit_ttft_s"] = (await _ask(plain, prompt_a2)).ttft_s
+        s = await _ask(plain, prompt_b3, decode_tokens, ignore_eos=True)
+        r["plain_reordered_ttft_s"], r["plain_decode_tok_s"] = s.ttft_s, s.decode_tok_s
+        r["blend_cold_ttft_s"] = (await _ask(blend, prompt_a1, skip_save=True)).ttft_s
+        t0 = time.perf_counter()
+        for ids in builder.precompute_layout(sys_ids, chunks):
+            await _ask(blend, ids)
+        r["precompute_s"] = time.perf_counter() - t0
+        r["blend_same_order_ttft_s"] = (await _ask(blend, prompt_a2, skip_save=True)).ttft_s
+        s = await _ask(blend, prompt_b3, decode_tokens, ignore_eos=True, skip_save=True)
+        r["blend_reordered_ttft_s"], r["blend_decode_tok_s"] = s.ttft_s, s.decode_tok_s
+        return r
+    finally:
+        await plain.close()
+        await blend.close()
+
+
+def summarize(context_target: int, repeats: list[dict]) -> dict:
+    """Medians over repeats, plus the raw repeats and the ratios the issue's targets are stated in."""
+    med = {k: statistics.median(r[k] for r in repeats) for k in (*TTFT_KEYS, "precompute_s")}
+    dec = {k: statistics.median(r[k] for r in repeats if r[k]) if any(r[k] for r in repeats) else None
+           for k in ("plain_decode_tok_s", "blend_decode_tok_s")}
+    case = {"context_tokens": repeats[0]["context_tokens"], "context_target": context_target,
+            "n_chunks": CHUNKS_PER_PROMPT, **med, **dec, "repeats": repeats}
+    case["speedup_reordered"] = med["plain_reordered_ttft_s"] / med["blend_reordered_ttft_s"]
+    case["blend_reordered_over_plain_prefix_hit"] = med["blend_reordered_ttft_s"] / med["plain_prefix_hit_ttft_s"]
+    if dec["plain_decode_tok_s"] and dec["blend_decode_tok_s"]:
+        case["decode_ratio_lmcache_over_plain"] = dec["blend_decode_tok_s"] / dec["plain_decode_tok_s"]
+    return case
+
+
+def versions() -> dict[str, str | None]:
+    out = {}
+    for pkg in ("vllm", "lmcache", "torch", "transformers"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def evidence(runtime: Runtime, limit_per_pattern: int = 3) -> list[str]:
+    """A few LMCache log lines from the 🚀 engine that show registration, blending and retrieval."""
+    proc = runtime.lmcache_engine.process
+    if proc is None:
+        return []
+    lines = proc.log_path.read_text(errors="replace").splitlines()
+    found = []
+    for pattern in EVIDENCE_PATTERNS:
+        hits = [ln.strip()[:300] for ln in lines if pattern in ln]
+        found += hits[:limit_per_pattern] + (hits[-1:] if len(hits) > limit_per_pattern else [])
+    return found
+
+
+def gpu_slug(name: str) -> str:
+    words = re.sub(r"^NVIDIA\s+", "", name).split()
+    return re.sub(r"[^a-z0-9]+", "-", words[0].lower()) if words else "gpu"
+
+
+def plot(result: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = result["cases"]
+    x = [c["context_tokens"] / 1000 for c in cases]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    styles = {"plain_cold_ttft_s": ("plain vLLM, cold", "tab:gray", "o--"),
+              "plain_reordered_ttft_s": ("plain vLLM, chunks reordered", "tab:red", "o-"),
+              "plain_prefix_hit_ttft_s": ("plain vLLM, same prefix (cache hit)", "tab:orange", "s:"),
+              "blend_reordered_ttft_s": ("vLLM + LMCache blending, reordered", "tab:blue", "o-"),
+              "blend_same_order_ttft_s": ("vLLM + LMCache blending, same order", "tab:cyan", "s:")}
+    for key, (label, color, fmt) in styles.items():
+        ax.plot(x, [c[key] for c in cases], fmt, color=color, label=label)
+    for c, xi in zip(cases, x):
+        ax.annotate(f"{c['speedup_reordered']:.1f}×", (xi, c["blend_reordered_ttft_s"]), textcoords="offset points",
+                    xytext=(0, -14), ha="center", color="tab:blue", fontsize=9)
+    ax.set_xlabel("context tokens (thousands), 8 chunks")
+    ax.set_ylabel("time to first token (s), median")
+    v = result["versions"]
+    ax.set_title(f"{result['device']} · {result['model_shape']} ({result['weights']} weights)\n"
+                 f"vllm {v.get('vllm')} + lmcache {v.get('lmcache')}, torch {v.get('torch')}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_ylim(bottom=0)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+def build_bench_parser() -> argparse.ArgumentParser:
+    p = build_parser()
+    p.prog = "python -m kvdemo.bench"
+    g = p.add_argument_group("benchmark")
+    g.add_argument("--contexts", default="4000,8000,16000,24000", help="context sizes in tokens")
+    g.add_argument("--repeats", type=int, default=3)
+    g.add_argument("--decode-tokens", type=int, default=256, help="output tokens of the decode-speed requests")
+    g.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    g.add_argument("--name", default="blend", help="result file stem: <name>-<gpu>.json")
+    g.add_argument("--plot-only", type=Path, help="redraw the PNG of an existing result JSON and exit")
+    g.add_argument("--skip-app-question", action="store_true",
+                   help="do not run the app's headless question before the cases")
+    return p
+
+
+def run(argv: list[str] | None = None) -> dict:
+    a = build_bench_parser().parse_args(argv)
+    if a.plot_only:
+        result = json.loads(a.plot_only.read_text())
+        plot(result, a.plot_only.with_suffix(".png"))
+        print(f"kvdemo.bench: wrote {a.plot_only.with_suffix('.png')}")
+        return result
+    a.no_ui, a.ask = True, a.ask or "Which section explains name binding?"
+    settings = settings_from_args(a)
+    out = Path(a.out)
+    if settings.simulate and out.resolve() == (REPO_ROOT / "benchmarks" / "results").resolve():
+        raise UserFacingError("benchmarks/results holds GPU measurements only: give --out for a SIMULATED run.")
+    contexts = [int(x) for x in a.contexts.split(",")]
+    if max(contexts) + a.decode_tokens > settings.max_model_len:
+        raise UserFacingError(f"--contexts up to {max(contexts)} + {a.decode_tokens} decode tokens exceed "
+                              f"--max-model-len {settings.max_model_len}.")
+    runtime = Runtime(settings)
+    try:
+        runtime.start()
+        if not a.skip_app_question:
+            headless(runtime, settings.ask)  # the app's own path: precompute library + answer
+        else:
+            runtime.run_precompute()
+        gpus = detect_gpus() if not settings.simulate else []
+        device = "SIMULATED (no GPU)" if settings.simulate else (gpus[0].name if gpus else "unknown")
+
+        async def all_cases() -> list[dict]:
+            await run_repeat(runtime, max(contexts), a.decode_tokens, "warmup-" + uuid.uuid4().hex[:6])
+            cases = []
+            for ctx in contexts:
+                repeats = []
+                for i in range(a.repeats):
+                    rep = await run_repeat(runtime, ctx, a.decode_tokens, f"{ctx}-{i}-{uuid.uuid4().hex[:6]}")
+                    print(f"kvdemo.bench: {ctx} tokens, repeat {i}: " + ", ".join(
+                        f"{k}={rep[k]:.3f}" for k in TTFT_KEYS), flush=True)
+                    repeats.append(rep)
+                cases.append(summarize(ctx, repeats))
+            return cases
+
+        cases = asyncio.run(all_cases())
+        engine_args = " ".join(settings.engine_args)
+        result = {
+            "device": device,
+            "simulated": settings.simulate,
+            "versions": versions(),
+            "model": settings.model,
+            "model_shape": "Mistral-7B-Instruct-v0.2" if "mistral" in settings.model.lower() else settings.model,
+            "weights": "simulated" if settings.simulate else ("dummy" if "dummy" in engine_args else "real"),
+            "command": "python -m kvdemo.bench " + shlex.join(sys.argv[1:] if argv is None else argv),
+            "gpu_layout": [{"engine": h.spec.key, "gpu": h.spec.slot.gpu, "shared": h.spec.slot.shared}
+                           for h in runtime.engines],
+            "lmcache_config": runtime.settings.lmcache_config_path.read_text(),
+            "startup_s": {h.spec.key: h.startup_s for h in runtime.engines},
+            "precompute_library_s": runtime.progress.seconds,
+            "precompute_library_requests": runtime.progress.total,
+            "decode_tokens": a.decode_tokens,
+            "requests": "one at a time; blended questions sent with lmcache.skip_save",
+            "cases": cases,
+            "evidence": evidence(runtime),
+        }
+    finally:
+        runtime.stop()
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{a.name}-{gpu_slug(device) if not settings.simulate else 'simulated'}"
+    path = out / f"{stem}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"kvdemo.bench: wrote {path}")
+    for c in cases:
+        print(f"  {c['context_tokens']:>6} tokens: plain reordered {c['plain_reordered_ttft_s']:.3f} s, "
+              f"blend reordered {c['blend_reordered_ttft_s']:.3f} s → {c['speedup_reordered']:.2f}×; "
+              f"prefix hit {c['plain_prefix_hit_ttft_s']:.3f} s")
+    try:
+        plot(result, path.with_suffix(".png"))
+        print(f"kvdemo.bench: wrote {path.with_suffix('.png')}")
+    except ImportError:
+        print("kvdemo.bench: matplotlib missing here; draw the plot with --plot-only " + str(path))
+    return result
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpx2", "httpcore", "openai"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    signal.signal(signal.SIGTERM, _raise_exit)
+    try:
+        run()
+    except UserFacingError as exc:
+        print(f"kvdemo.bench: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
