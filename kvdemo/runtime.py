@@ -44,7 +44,7 @@ class EngineHandle:
         return c
 
     def status(self) -> str:
-        if self.process is not None and not self.process.alive():
+        if self.process is not None and self.process.proc is not None and not self.process.alive():
             return f"❌ stopped (exit {self.process.proc.returncode if self.process.proc else '?'})"
         return "✅ healthy" if self.model_name else "⏳ starting"
 
@@ -63,6 +63,7 @@ class Runtime:
         self.builder: PromptBuilder | None = None
         self._cached_sys_prompts: set[tuple[int, ...]] = set()
         self._lock = threading.Lock()
+        self._restarting: set[str] = set()
         self._precompute_thread: threading.Thread | None = None
 
     # ----- start-up -------------------------------------------------------------------------------
@@ -100,13 +101,14 @@ class Runtime:
             h.startup_s = startup
             print(f"kvdemo: {h.spec.label} ready in {startup:.1f} s at {h.spec.url}", flush=True)
 
-    def _wait_ready(self, h: EngineHandle) -> float:
+    def _wait_ready(self, h: EngineHandle, stop_all_on_failure: bool = True) -> float:
         t0 = time.monotonic()
         if h.process:
             try:
                 h.process.wait_healthy(self.settings.health_timeout_s)
             except EngineError:
-                self.stop()  # fail fast: do not leave the other engine starting for minutes
+                if stop_all_on_failure:
+                    self.stop()  # fail fast at start-up: do not leave the other engine starting for minutes
                 raise
         h.model_name = _served_model(h.spec.url, h.spec.label)
         return time.monotonic() - t0
@@ -166,6 +168,33 @@ class Runtime:
         with self._lock:
             self._cached_sys_prompts.add(ids)
         return stats.total_s
+
+    def restart_engine(self, key: str) -> float:
+        """Stop (if needed) and start one engine again; re-precompute if it is the LMCache engine.
+
+        Returns seconds to healthy. Raises EngineError (with log tail) if it fails to come back.
+        """
+        h = next(x for x in self.engines if x.spec.key == key)
+        if h.process is None:
+            raise UserFacingError(f"{h.spec.label} is attached (--attach): restart it where it runs.")
+        with self._lock:
+            if key in self._restarting:
+                raise UserFacingError(f"{h.spec.label} is already restarting.")
+            self._restarting.add(key)
+        try:
+            h.process.stop()
+            h.model_name = None
+            h.process.start()
+            h.startup_s = self._wait_ready(h, stop_all_on_failure=False)
+            if h.spec.lmcache:
+                with self._lock:
+                    self._cached_sys_prompts.clear()
+                self.progress = PrecomputeProgress()
+                self.run_precompute()
+            return h.startup_s
+        finally:
+            with self._lock:
+                self._restarting.discard(key)
 
     # ----- state for the UI -----------------------------------------------------------------------
     @property

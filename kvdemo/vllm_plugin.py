@@ -1,0 +1,919 @@
+"""vLLM general plugin that makes LMCache KV blending work with vllm 0.22.0 + lmcache 0.5.3.
+
+vLLM calls :func:`register` (entry point ``kvdemo_lmcache`` in group ``vllm.general_plugins``) in every
+vLLM process: the API server, the engine core and the workers. The plugin does nothing unless
+``KVDEMO_LMCACHE_PLUGIN=1`` (kvdemo sets it for its LMCache engines only) and LMCache is importable.
+
+Why a plugin at all: blending in lmcache 0.5.3 needs the loaded vLLM model registered with LMCache's
+``VLLMModelTracker`` and knows only Llama/Qwen2/Qwen3 model classes, and two LMCache bugs/slow paths are
+on the critical path of every blended request (see /work/shared/GPU.md). Patching from a plugin keeps
+both wheels unmodified.
+
+Nothing is imported eagerly: each patch is attached to the import of the module it patches (a small
+post-import hook on ``sys.meta_path``), or applied at once when that module is already imported. So the
+API server, which never imports the worker or the blender, pays nothing, and no import order inside
+vLLM/LMCache is disturbed.
+
+Environment:
+
+``KVDEMO_LMCACHE_PLUGIN=1``
+    switch the plugin on (otherwise :func:`register` returns at once).
+``KVDEMO_PLUGIN_FIXES``
+    comma list of fixes, default ``all`` = ``register,mistral,split,rope,sync,quiet``. ``-name``
+    removes one (``all,-sync``), ``none`` applies nothing. ``register``/``mistral``/``split`` are needed
+    for blending to work at all; ``rope``/``sync``/``quiet`` are speed fixes a benchmark can switch off.
+``KVDEMO_PROFILE=1``
+    log one ``kvdemo-profile: ...`` line per engine step that did LMCache work, with CUDA-synchronized
+    per-phase times (adds synchronizations: use it for a breakdown, never for TTFT numbers).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.abc
+import importlib.util
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from types import ModuleType
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+ENV_ENABLE = "KVDEMO_LMCACHE_PLUGIN"
+ENV_FIXES = "KVDEMO_PLUGIN_FIXES"
+ENV_PROFILE = "KVDEMO_PROFILE"
+
+ALL_FIXES: tuple[str, ...] = ("register", "mistral", "split", "rope", "sync", "quiet")
+
+# vLLM model classes that LMCache's Llama path (LMCLlamaModel) computes correctly. vLLM 0.22's
+# MistralForCausalLM subclasses its LlamaForCausalLM with the same submodule names
+# (qkv_proj/rotary_emb/o_proj/mlp/norms); only its optional Llama-4 attention scaling differs, which is
+# checked per model below.
+LLAMA_LIKE_CLASS_NAMES: tuple[str, ...] = ("MistralForCausalLM",)
+
+# The sync fix replaces a whole LMCache method with an edited copy, so it is only applied to the
+# LMCache versions whose source the copy was taken from.
+SYNC_FIX_LMCACHE_VERSIONS: tuple[str, ...] = ("0.5.3",)
+
+# Marker attribute set on every function this plugin installs (value: the fix name). A patch whose
+# target already carries it is skipped, so register() and the import hooks are idempotent even if this
+# module is re-imported.
+_MARK = "_kvdemo_fix"
+
+# Module paths patched (lmcache 0.5.3 / vllm 0.22.0).
+MOD_WORKER = "vllm.v1.worker.gpu_worker"
+MOD_LMC_VLLM_UTILS = "lmcache.integration.vllm.utils"
+MOD_MODEL_UTILS = "lmcache.v1.compute.models.utils"
+MOD_LLAMA = "lmcache.v1.compute.models.llama"
+MOD_BLENDER = "lmcache.v1.compute.blend.blender"
+MOD_TOKEN_DB = "lmcache.v1.token_database"
+MOD_ROPE = "lmcache.v1.compute.positional_encoding"
+MOD_GPU_CONNECTORS = "lmcache.v1.gpu_connector.gpu_connectors"
+MOD_MEMORY = "lmcache.v1.memory_management"
+MOD_ADAPTER = "lmcache.integration.vllm.vllm_v1_adapter"
+MOD_CACHE_ENGINE = "lmcache.v1.cache_engine"
+MOD_MODEL_BASE = "lmcache.v1.compute.models.base"
+
+# The "Double unpin" warning is logged by this module's logger (lmcache.logging.init_logger(__name__)).
+DOUBLE_UNPIN_LOGGER = MOD_MEMORY
+DOUBLE_UNPIN_TEXT = "Double unpin occurred"
+
+
+class _State:
+    """Process-wide plugin state (vLLM may call register() several times per process)."""
+
+    def __init__(self) -> None:
+        self.registered = False
+        self.hooks: dict[str, list[Callable[[ModuleType], None]]] = {}
+        self.finder: _PostImportFinder | None = None
+        self.quiet_filter: DoubleUnpinFilter | None = None
+        self.handler: logging.Handler | None = None
+
+
+_state = _State()
+_lock = threading.RLock()
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------------
+
+
+def register() -> None:
+    """vLLM general-plugin entry point: arm the LMCache fixes in this process.
+
+    Does nothing unless ``KVDEMO_LMCACHE_PLUGIN=1`` (the plain engine must stay untouched) and nothing
+    but one log line when LMCache is not importable. Safe to call any number of times.
+    """
+    if os.environ.get(ENV_ENABLE, "") != "1":
+        return
+    with _lock:
+        if _state.registered:
+            return
+        _state.registered = True
+        _ensure_log_handler()
+        if not _module_available("lmcache"):
+            logger.info("kvdemo plugin: lmcache is not importable; nothing patched")
+            return
+        fixes = parse_fixes(os.environ.get(ENV_FIXES))
+        profile = os.environ.get(ENV_PROFILE, "") == "1"
+        logger.info("kvdemo plugin: armed fixes=%s profile=%s (pid %d)", ",".join(sorted(fixes)) or "none",
+                    profile, os.getpid())
+        if "register" in fixes:
+            _when_imported(MOD_WORKER, _patch_worker_load_model)
+        if "mistral" in fixes:
+            _when_imported(MOD_MODEL_UTILS, _patch_infer_model)
+            _when_imported(MOD_BLENDER, _patch_infer_model)
+        if "split" in fixes:
+            _when_imported(MOD_TOKEN_DB, _patch_split)
+        if "rope" in fixes:
+            _when_imported(MOD_ROPE, _patch_fused_rope)
+        if "sync" in fixes:
+            _when_imported(MOD_GPU_CONNECTORS, _patch_batched_to_gpu)
+        if "quiet" in fixes:
+            _install_quiet_filter()
+        if profile:
+            _arm_profiling()
+
+
+def parse_fixes(value: str | None) -> frozenset[str]:
+    """Parse ``KVDEMO_PLUGIN_FIXES``: ``all`` (default), ``none``, names, and ``-name`` to remove one."""
+    if value is None or not value.strip():
+        return frozenset(ALL_FIXES)
+    chosen: set[str] = set()
+    for raw in value.split(","):
+        item = raw.strip().lower()
+        if not item:
+            continue
+        remove = item.startswith("-")
+        name = item[1:] if remove else item
+        if name == "all":
+            names: Iterable[str] = ALL_FIXES
+        elif name == "none":
+            names = ()
+            if not remove:
+                chosen.clear()
+        elif name in ALL_FIXES:
+            names = (name,)
+        else:
+            logger.warning("kvdemo plugin: unknown fix %r in %s (known: %s)", name, ENV_FIXES,
+                           ",".join(ALL_FIXES))
+            continue
+        if remove:
+            chosen.difference_update(names)
+        else:
+            chosen.update(names)
+    return frozenset(chosen)
+
+
+def _ensure_log_handler() -> None:
+    """Make this module's INFO lines visible in the engine log.
+
+    vLLM configures only its own ``vllm`` logger; the root logger has no handler in engine processes,
+    so INFO records of ``kvdemo.*`` would be dropped (``logging.lastResort`` shows WARNING and up only).
+    When nothing else would print them, attach one stderr handler (and stop propagation so a root handler
+    added later does not print each line twice).
+    """
+    if _state.handler is not None or logger.handlers or logging.getLogger().handlers:
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.INFO)
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [kvdemo] %(message)s", "%m-%d %H:%M:%S"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    _state.handler = handler
+
+
+def _module_available(name: str) -> bool:
+    """True when ``name`` is importable, without importing it (lmcache's __init__ loads torch/CUDA ops)."""
+    if name in sys.modules:
+        return sys.modules[name] is not None
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
+# Post-import hooks
+# --------------------------------------------------------------------------------------------------
+
+
+class _PostImportFinder(importlib.abc.MetaPathFinder):
+    """Meta-path finder that runs callbacks right after a watched module has executed.
+
+    It finds the module's spec through the rest of ``sys.meta_path`` and wraps that spec's loader's
+    ``exec_module`` on the loader instance (one loader per module), so the module object, its spec and
+    its loader stay the ordinary ones.
+    """
+
+    def __init__(self) -> None:
+        self._busy: set[str] = set()
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None = None,
+                  target: ModuleType | None = None) -> Any:
+        if fullname not in _state.hooks or fullname in self._busy:
+            return None
+        self._busy.add(fullname)
+        try:
+            spec = importlib.util.find_spec(fullname)
+        except (ImportError, ValueError):
+            return None
+        finally:
+            self._busy.discard(fullname)
+        loader = getattr(spec, "loader", None)
+        exec_module = getattr(loader, "exec_module", None)
+        if spec is None or exec_module is None:
+            return None
+
+        def exec_and_patch(module: ModuleType) -> None:
+            exec_module(module)
+            _run_hooks(fullname, module)
+
+        try:
+            loader.exec_module = exec_and_patch  # type: ignore[union-attr]
+        except (AttributeError, TypeError):
+            logger.warning("kvdemo plugin: cannot hook the import of %s; its fixes are not applied", fullname)
+            return None
+        return spec
+
+
+def _when_imported(module_name: str, callback: Callable[[ModuleType], None]) -> None:
+    """Run ``callback(module)`` now if ``module_name`` is imported, else right after its import."""
+    module = sys.modules.get(module_name)
+    if module is not None:
+        _safe_call(callback, module)
+        return
+    if not _module_file_exists(module_name):
+        logger.warning("kvdemo plugin: %s not found in this install; %s not applied", module_name,
+                       getattr(callback, "__name__", callback))
+        return
+    _state.hooks.setdefault(module_name, []).append(callback)
+    if _state.finder is None:
+        _state.finder = _PostImportFinder()
+        sys.meta_path.insert(0, _state.finder)
+
+
+def _run_hooks(module_name: str, module: ModuleType) -> None:
+    for callback in _state.hooks.pop(module_name, []):
+        _safe_call(callback, module)
+
+
+def _safe_call(callback: Callable[[ModuleType], None], module: ModuleType) -> None:
+    """A failing patch must never break vLLM/LMCache: log a WARNING and go on unpatched."""
+    try:
+        callback(module)
+    except Exception as exc:  # noqa: BLE001 - deliberately broad: a patch is best effort
+        logger.warning("kvdemo plugin: %s on %s failed (%s: %s); left unpatched",
+                       getattr(callback, "__name__", callback), module.__name__, type(exc).__name__, exc)
+
+
+def _module_file_exists(module_name: str) -> bool:
+    """Whether ``module_name``'s source exists under its top package, without importing anything.
+
+    Lets a module that a newer release renamed produce a WARNING at start-up instead of silently never
+    being patched. When the top package cannot be located on disk (e.g. a namespace built in memory),
+    answer True and let the hook decide.
+    """
+    top, _, rest = module_name.partition(".")
+    top_module = sys.modules.get(top)
+    try:
+        spec = top_module.__spec__ if top_module is not None else importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return False
+    locations = list(getattr(spec, "submodule_search_locations", None) or [])
+    if not locations:
+        return True
+    parts = rest.split(".") if rest else []
+    for base in locations:
+        stem = os.path.join(base, *parts)
+        if not parts or os.path.isdir(stem) or any(
+            os.path.exists(stem + suffix) for suffix in (".py", ".pyc", ".so", ".abi3.so")
+        ) or _has_extension(stem):
+            return True
+    return False
+
+
+def _has_extension(stem: str) -> bool:
+    folder, name = os.path.split(stem)
+    try:
+        return any(entry.startswith(name + ".") and entry.endswith(".so") for entry in os.listdir(folder))
+    except OSError:
+        return False
+
+
+def _already(target: Any) -> bool:
+    return getattr(target, _MARK, None) is not None
+
+
+def _mark(func: Any, fix: str) -> Any:
+    setattr(func, _MARK, fix)
+    return func
+
+
+def _missing(fix: str, what: str) -> None:
+    logger.warning("kvdemo plugin: %s not found in this version; fix '%s' not applied", what, fix)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fix 1: register the vLLM model with LMCache's blender
+# --------------------------------------------------------------------------------------------------
+
+
+def _patch_worker_load_model(module: ModuleType) -> None:
+    """Wrap ``Worker.load_model`` to call ``VLLMModelTracker.register_model(ENGINE_NAME, model)``.
+
+    WHY: LMCache's blender is created by ``LMCBlenderBuilder.get_or_create``, which looks the model up
+    with ``VLLMModelTracker.get_model(ENGINE_NAME)``; neither vLLM 0.22 nor LMCache 0.5.3 ever registers
+    it (LMCache's example tells users to edit vLLM's gpu_worker.py). The connector and blender are
+    created after ``load_model`` (in ``initialize_from_config``), so registering here is in time.
+    """
+    worker_cls = getattr(module, "Worker", None)
+    original = getattr(worker_cls, "load_model", None)
+    if original is None:
+        _missing("register", f"{module.__name__}.Worker.load_model")
+        return
+    if _already(original):
+        return
+
+    @functools.wraps(original)
+    def load_model(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original(self, *args, **kwargs)
+        _register_loaded_model(self)
+        return result
+
+    worker_cls.load_model = _mark(load_model, "register")
+    logger.info("kvdemo plugin: applied register (%s.Worker.load_model -> VLLMModelTracker.register_model)",
+                module.__name__)
+
+
+def _register_loaded_model(worker: Any) -> None:
+    try:
+        from lmcache.integration.vllm.utils import ENGINE_NAME
+        from lmcache.v1.compute.models.utils import VLLMModelTracker
+    except ImportError as exc:
+        logger.warning("kvdemo plugin: cannot import LMCache's model tracker (%s); model not registered", exc)
+        return
+    model = worker.model_runner.get_model()
+    VLLMModelTracker.register_model(ENGINE_NAME, model)
+    logger.info("kvdemo plugin: registered %s with LMCache as %r", type(model).__name__, ENGINE_NAME)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fix 2: MistralForCausalLM -> LMCache's Llama path
+# --------------------------------------------------------------------------------------------------
+
+
+def _patch_infer_model(module: ModuleType) -> None:
+    """Wrap ``infer_model_from_vllm`` so Llama-shaped vLLM classes use ``LMCLlamaModel``.
+
+    WHY: LMCache picks its layerwise model by ``type(vllm_model).__name__`` and raises
+    NotImplementedError for anything but Llama/Qwen2/Qwen3. vLLM 0.22 builds ``MistralForCausalLM``
+    (a LlamaForCausalLM subclass) for Mistral-7B, which LMCache's Llama path computes correctly.
+    ``lmcache.v1.compute.blend.blender`` did ``from ...models.utils import infer_model_from_vllm``,
+    so the name is patched in both modules; everything else is delegated to the original.
+    """
+    original = getattr(module, "infer_model_from_vllm", None)
+    if original is None:
+        _missing("mistral", f"{module.__name__}.infer_model_from_vllm")
+        return
+    if _already(original):
+        logger.info("kvdemo plugin: applied mistral (%s.infer_model_from_vllm already wrapped)", module.__name__)
+        return
+
+    @functools.wraps(original)
+    def infer_model_from_vllm(vllm_model: Any, blender: Any, enable_sparse: bool = False) -> Any:
+        if type(vllm_model).__name__ in LLAMA_LIKE_CLASS_NAMES and _llama_compatible(vllm_model):
+            from lmcache.v1.compute.models.llama import LMCLlamaModel
+
+            return LMCLlamaModel(vllm_model, blender, enable_sparse)
+        return original(vllm_model, blender, enable_sparse)
+
+    module.infer_model_from_vllm = _mark(infer_model_from_vllm, "mistral")
+    logger.info("kvdemo plugin: applied mistral (%s.infer_model_from_vllm: %s -> LMCLlamaModel)",
+                module.__name__, ",".join(LLAMA_LIKE_CLASS_NAMES))
+
+
+def _llama_compatible(vllm_model: Any) -> bool:
+    """False for Mistral variants with Llama-4 attention scaling, which LMCLlamaModel does not apply."""
+    try:
+        attn = vllm_model.model.layers[0].self_attn
+    except (AttributeError, IndexError, TypeError):
+        return True
+    return not getattr(attn, "do_llama_4_scaling", False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fix 3: SegmentTokenDatabase._fast_split_by_subtensor lacks a `return`
+# --------------------------------------------------------------------------------------------------
+
+
+def find_separator_starts(tokens: Sequence[int], sep: Sequence[int]) -> list[int]:
+    """Start index of every (possibly overlapping) occurrence of ``sep`` in ``tokens``.
+
+    The pure-Python equivalent of LMCache's ``tokens.unfold(0, len(sep), 1) == sep`` window match.
+    """
+    n = len(sep)
+    if n == 0:
+        return []
+    sep_list = list(sep)
+    first = sep_list[0]
+    return [i for i in range(len(tokens) - n + 1) if tokens[i] == first and list(tokens[i:i + n]) == sep_list]
+
+
+def fast_split_by_subtensor(self: Any, tokens: Any) -> Iterator[Any]:
+    """Fixed copy of lmcache 0.5.3 ``SegmentTokenDatabase._fast_split_by_subtensor``.
+
+    WHY: the original yields the whole token list when it is shorter than the separator and then falls
+    through to ``tokens.unfold(0, sep_len, 1)``, which raises ``RuntimeError: maximum size for tensor at
+    dimension 0 is 1 but size is 3`` and kills the engine (e.g. a precompute request ``[BOS]+SEP+chunk``
+    whose lookup only hits ``[BOS]``). The only change is the ``return`` after that early ``yield``;
+    plain Python sequences are accepted too (same windows, matched without torch).
+    """
+    sep_len = self.sep_len
+    if sep_len == 0 or len(tokens) < sep_len:
+        yield tokens
+        return
+
+    if hasattr(tokens, "unfold"):
+        # Unfold into sliding windows, shape (num_tokens - sep_len + 1, sep_len); as in LMCache.
+        windows = tokens.unfold(0, sep_len, 1)
+        matches = (windows == self.sep_tokens).all(dim=1).nonzero(as_tuple=True)[0].tolist()
+    else:
+        sep = self.sep_tokens.tolist() if hasattr(self.sep_tokens, "tolist") else list(self.sep_tokens)
+        matches = find_separator_starts(tokens, sep)
+
+    start = 0
+    for idx in matches:
+        yield tokens[start:idx]
+        start = idx + sep_len
+    yield tokens[start:]
+
+
+def _patch_split(module: ModuleType) -> None:
+    """Replace ``SegmentTokenDatabase._fast_split_by_subtensor`` with :func:`fast_split_by_subtensor`."""
+    cls = getattr(module, "SegmentTokenDatabase", None)
+    original = getattr(cls, "_fast_split_by_subtensor", None)
+    if original is None:
+        _missing("split", f"{module.__name__}.SegmentTokenDatabase._fast_split_by_subtensor")
+        return
+    if _already(original):
+        return
+
+    @functools.wraps(original)
+    def _fast_split_by_subtensor(self: Any, tokens: Any) -> Iterator[Any]:
+        return fast_split_by_subtensor(self, tokens)
+
+    cls._fast_split_by_subtensor = _mark(_fast_split_by_subtensor, "split")
+    logger.info("kvdemo plugin: applied split (%s.SegmentTokenDatabase._fast_split_by_subtensor returns "
+                "after its early yield)", module.__name__)
+
+
+# --------------------------------------------------------------------------------------------------
+# Speed fix 4: FusedRope's cos/sin cache to the GPU once
+# --------------------------------------------------------------------------------------------------
+
+
+def _patch_fused_rope(module: ModuleType) -> None:
+    """Wrap ``FusedRope.fused_encode`` so its cos/sin cache is moved to the K tensor's device once.
+
+    WHY: ``FusedRope.__init__`` keeps ``rope.cos_sin_cache`` as created on the CPU (vLLM later rebinds
+    the rope's own attribute to a GPU copy, the FusedRope reference stays stale), and ``fused_encode``
+    calls ``self.cos_sin_cache.to(k.device)`` for every layer of every blended request: an unpinned
+    host-to-device copy (~1 ms x 32 layers at Mistral-7B). Rebinding the attribute to the device copy
+    makes the original's ``.to(k.device)`` a no-op; dtype and values are unchanged.
+    """
+    cls = getattr(module, "FusedRope", None)
+    original = getattr(cls, "fused_encode", None)
+    if original is None:
+        _missing("rope", f"{module.__name__}.FusedRope.fused_encode")
+        return
+    if _already(original):
+        return
+
+    @functools.wraps(original)
+    def fused_encode(self: Any, old_positions: Any, new_positions: Any, k: Any) -> Any:
+        cache = self.cos_sin_cache
+        if cache.device != k.device:
+            self.cos_sin_cache = cache.to(k.device)
+        return original(self, old_positions, new_positions, k)
+
+    cls.fused_encode = _mark(fused_encode, "rope")
+    logger.info("kvdemo plugin: applied rope (%s.FusedRope.fused_encode keeps its cos/sin cache on the GPU)",
+                module.__name__)
+
+
+# --------------------------------------------------------------------------------------------------
+# Speed fix 5a: no full-device synchronize per layer in VLLMBufferLayerwiseGPUConnector.batched_to_gpu
+# --------------------------------------------------------------------------------------------------
+
+
+def _lmcache_version() -> str | None:
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+    except ImportError:  # pragma: no cover - py<3.8
+        return None
+    try:
+        return version("lmcache")
+    except PackageNotFoundError:
+        return None
+
+
+def _patch_batched_to_gpu(module: ModuleType) -> None:
+    """Replace ``VLLMBufferLayerwiseGPUConnector.batched_to_gpu`` with a copy that uses stream waits.
+
+    WHY: once per layer the original calls ``torch.cuda.synchronize()`` ("wait until both compute and
+    load streams are done") before swapping its two GPU ping-pong buffers, so the CPU cannot enqueue
+    the next layer until the GPU is idle (32 bubbles per blended request). The copy orders the same
+    work with stream dependencies instead:
+
+    * before the compute stream uses the just-loaded buffer: ``current_stream.wait_stream(load_stream)``
+      (covers the buffer data and the layer-0 ``old_positions_full`` written on the load stream);
+    * before the load stream overwrites the other buffer (read by the blender's compute and by the
+      paged-memory transfer on the compute stream): ``load_stream.wait_stream(current_stream)``;
+    * at the last layer the host still waits for the load stream, because ``retrieve_layer`` releases
+      the CPU memory objects (``ref_count_down``) right after that step returns.
+
+    Everything else is the lmcache 0.5.3 code unchanged, hence the version pin.
+    """
+    cls = getattr(module, "VLLMBufferLayerwiseGPUConnector", None)
+    original = getattr(cls, "batched_to_gpu", None)
+    if original is None:
+        _missing("sync", f"{module.__name__}.VLLMBufferLayerwiseGPUConnector.batched_to_gpu")
+        return
+    if _already(original):
+        return
+    found = _lmcache_version()
+    if found not in SYNC_FIX_LMCACHE_VERSIONS:
+        logger.warning("kvdemo plugin: fix 'sync' is a copy of lmcache %s's batched_to_gpu; lmcache here is "
+                       "%s, so it is not applied", "/".join(SYNC_FIX_LMCACHE_VERSIONS), found)
+        return
+    replacement = _make_batched_to_gpu(module)
+    annotate = getattr(module, "_lmcache_nvtx_annotate", None)
+    if callable(annotate):
+        replacement = annotate(replacement)
+    replacement = functools.wraps(original)(replacement)
+    cls.batched_to_gpu = _mark(replacement, "sync")
+    logger.info("kvdemo plugin: applied sync (%s.VLLMBufferLayerwiseGPUConnector.batched_to_gpu waits on "
+                "streams, not on the whole device)", module.__name__)
+
+
+def _make_batched_to_gpu(m: ModuleType) -> Callable[..., Generator[None, Any, None]]:
+    """Build the edited copy of lmcache 0.5.3 gpu_connectors.py:781-944 (names resolved from ``m``)."""
+    torch = m.torch
+    lmc_ops = m.lmc_ops
+    MemoryFormat = m.MemoryFormat
+    LMCBlenderBuilder = m.LMCBlenderBuilder
+    lmc_logger = m.logger
+
+    def batched_to_gpu(self: Any, starts: list[int], ends: list[int], **kwargs: Any) -> Generator[None, Any, None]:
+        self.initialize_kvcaches_ptr(**kwargs)
+        assert self.kvcaches is not None, "kvcaches should be provided in kwargs or initialized beforehand."
+
+        if "slot_mapping" not in kwargs:
+            raise ValueError("'slot_mapping' should be provided in kwargs.")
+
+        if self.fused_rotary_emb is None and self.cache_positions:
+            from lmcache.integration.vllm.utils import ENGINE_NAME
+
+            self.lmc_model = LMCBlenderBuilder.get(ENGINE_NAME).layerwise_model
+            self.fused_rotary_emb = self.lmc_model.fused_rotary_emb
+
+        slot_mapping = kwargs["slot_mapping"]
+
+        self._lazy_initialize_buffer(self.kvcaches)
+
+        num_all_tokens = ends[-1] - starts[0]
+        slot_mapping_full = slot_mapping[starts[0]:ends[-1]]
+
+        # compute gap positions
+        gap_mask = torch.ones(num_all_tokens, dtype=torch.bool, device=slot_mapping_full.device)
+        buf_offset = starts[0]
+        for start, end in zip(starts, ends, strict=False):
+            gap_mask[start - buf_offset:end - buf_offset] = False
+        self.current_gap_positions = torch.where(gap_mask)[0]
+
+        buf_offset = starts[0]
+        if self.cache_positions:
+            new_positions_full = torch.arange(starts[0], ends[-1], dtype=torch.int64,
+                                              device=self.kvcaches[0].device)
+
+        buffer_shape = self.get_shape(num_all_tokens)
+        assert self.gpu_buffer_allocator is not None
+        compute_gpu_buffer_obj = self.gpu_buffer_allocator.allocate(buffer_shape, self.dtype,
+                                                                    MemoryFormat.KV_2TD)
+        load_gpu_buffer_obj = self.gpu_buffer_allocator.allocate(buffer_shape, self.dtype, MemoryFormat.KV_2TD)
+        assert compute_gpu_buffer_obj is not None, "Failed to allocate GPU buffer in GPUConnector"
+        assert load_gpu_buffer_obj is not None, "Failed to allocate GPU buffer in GPUConnector"
+        assert compute_gpu_buffer_obj.tensor is not None
+        assert load_gpu_buffer_obj.tensor is not None
+
+        if self.cache_positions:
+            old_positions_full = torch.zeros((num_all_tokens,), dtype=torch.int64, device=self.kvcaches[0].device)
+        for layer_id in range(self.num_layers + 2):
+            if layer_id > 1:
+                lmc_ops.single_layer_kv_transfer(
+                    self.buffer_mapping[layer_id - 2].tensor,
+                    self.kvcaches[layer_id - 2],
+                    slot_mapping_full,
+                    lmc_ops.TransferDirection.H2D,
+                    self.engine_kv_format,
+                    token_major=False,  # shape is [2, num_tokens, hidden_dim]
+                )
+                del self.buffer_mapping[layer_id - 2]
+                lmc_logger.debug("Finished loading layer %s into paged memory", layer_id - 2)
+
+            if layer_id > 0 and layer_id <= self.num_layers:
+                # kvdemo: was torch.cuda.synchronize(). The compute stream waits for the load stream
+                # on the GPU; the host waits only at the last layer (see _patch_batched_to_gpu).
+                torch.cuda.current_stream().wait_stream(self.load_stream)
+                if layer_id == self.num_layers:
+                    self.load_stream.synchronize()
+
+                # ping-pong the buffers
+                compute_gpu_buffer_obj, load_gpu_buffer_obj = load_gpu_buffer_obj, compute_gpu_buffer_obj
+
+                if self.cache_positions:
+                    assert compute_gpu_buffer_obj.tensor is not None
+                    compute_gpu_buffer_obj.tensor[0] = self.fused_rotary_emb(
+                        old_positions_full,
+                        new_positions_full,
+                        compute_gpu_buffer_obj.tensor[0],
+                    )
+
+                # gap zeroing after RoPE
+                if self.current_gap_positions.numel():
+                    compute_gpu_buffer_obj.tensor[:, self.current_gap_positions] = 0.0
+
+                self.buffer_mapping[layer_id - 1] = compute_gpu_buffer_obj
+                lmc_logger.debug("Finished loading layer %s into buffer", layer_id - 1)
+
+            if layer_id < self.num_layers:
+                memory_objs_layer = yield
+
+                compute_stream = torch.cuda.current_stream()
+                # memobj -> gpu_buffer
+                with torch.cuda.stream(self.load_stream):
+                    # kvdemo: the buffer about to be overwritten held layer_id-2, which the compute
+                    # stream may still read (blender compute, paged transfer above).
+                    self.load_stream.wait_stream(compute_stream)
+                    for start, end, memory_obj in zip(starts, ends, memory_objs_layer, strict=False):
+                        assert memory_obj.metadata.fmt == MemoryFormat.KV_2TD
+                        assert load_gpu_buffer_obj.tensor is not None
+                        load_gpu_buffer_obj.tensor[0][start - buf_offset:end - buf_offset].copy_(
+                            memory_obj.tensor[0], non_blocking=True
+                        )
+                        load_gpu_buffer_obj.tensor[1][start - buf_offset:end - buf_offset].copy_(
+                            memory_obj.tensor[1], non_blocking=True
+                        )
+                        if self.cache_positions and layer_id == 0:
+                            old_positions_full[start - buf_offset:end - buf_offset] = (
+                                memory_obj.metadata.cached_positions
+                            )
+
+            elif layer_id == self.num_layers:
+                yield
+
+        # free the buffer memory
+        load_gpu_buffer_obj.ref_count_down()
+        compute_gpu_buffer_obj.ref_count_down()
+
+        assert len(self.buffer_mapping) == 0, (
+            "There are still layers in the buffer mapping after releasing the GPU buffers."
+        )
+
+        yield
+
+    return batched_to_gpu
+
+
+# --------------------------------------------------------------------------------------------------
+# Speed fix 5b: the "Double unpin" warning storm
+# --------------------------------------------------------------------------------------------------
+
+
+class DoubleUnpinFilter(logging.Filter):
+    """Let the first "Double unpin" warning through, drop and count the rest.
+
+    WHY: in layerwise mode every retrieved memory object is unpinned twice (``retrieve_layer`` unpins
+    each pinned object, then ``wait_for_save`` calls ``lookup_unpin(req_id)``), so a 16K blended request
+    logs ~288 warnings (9 segments x 32 layers, ~12 ms). LMCache resets the pin count to 0 itself.
+
+    Why quieting "by logger name" did not work: ``lmcache.logging.init_logger`` gives every LMCache
+    module logger its own handler, ``propagate = False`` and an explicit level from
+    ``LMCACHE_LOG_LEVEL``, and it does so when the module is imported. A level set on ``lmcache`` (the
+    parent) never applies, and a level set on ``lmcache.v1.memory_management`` before that import is
+    overwritten by it. A filter on the logger object itself survives (init_logger clears handlers,
+    never filters) and drops the record before any handler formats or writes it.
+    """
+
+    def __init__(self, keep_first: int = 1) -> None:
+        super().__init__()
+        self.keep_first = keep_first
+        self.seen = 0
+        self.suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.msg if isinstance(record.msg, str) else str(record.msg)
+        if DOUBLE_UNPIN_TEXT not in msg:
+            return True
+        self.seen += 1
+        if self.seen <= self.keep_first:
+            record.msg = msg + " [kvdemo plugin: further 'Double unpin' warnings are counted, not logged]"
+            return True
+        self.suppressed += 1
+        return False
+
+
+def _install_quiet_filter() -> None:
+    target = logging.getLogger(DOUBLE_UNPIN_LOGGER)
+    for existing in target.filters:
+        if isinstance(existing, logging.Filter) and type(existing).__name__ == DoubleUnpinFilter.__name__:
+            _state.quiet_filter = existing  # type: ignore[assignment]
+            return
+    _state.quiet_filter = DoubleUnpinFilter()
+    target.addFilter(_state.quiet_filter)
+    logger.info("kvdemo plugin: applied quiet (filter on logger %r drops repeated %r warnings)",
+                DOUBLE_UNPIN_LOGGER, DOUBLE_UNPIN_TEXT)
+
+
+# --------------------------------------------------------------------------------------------------
+# Optional profiling (KVDEMO_PROFILE=1)
+# --------------------------------------------------------------------------------------------------
+
+# Phases in log order. Times are inclusive and nested: step > load > blend > {retrieve, compute};
+# step > save > store; wait_save may also run store steps. lookup is the scheduler-side hit lookup
+# (CPU only, not synchronized).
+PROFILE_PHASES: tuple[str, ...] = ("step", "lookup", "load", "blend", "retrieve", "compute", "save", "store",
+                                   "wait_save")
+# A step is logged only when one of these ran in it (decode steps stay silent).
+_PROFILE_TRIGGERS = frozenset({"lookup", "blend", "retrieve", "store"})
+
+
+class _Profiler:
+    """Accumulates CUDA-synchronized phase times for one engine step and logs them as one line."""
+
+    def __init__(self) -> None:
+        self.ms: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self.counts: dict[str, int] = {}
+        self._sync: Callable[[], None] | None = None
+        self._unpin_mark = 0
+
+    def sync(self) -> None:
+        if self._sync is None:
+            self._sync = _cuda_synchronizer()
+        self._sync()
+
+    @contextmanager
+    def phase(self, name: str, synchronize: bool = True) -> Iterator[None]:
+        if synchronize:
+            self.sync()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if synchronize:
+                self.sync()
+            self.ms[name] = self.ms.get(name, 0.0) + (time.perf_counter() - t0) * 1e3
+            self.calls[name] = self.calls.get(name, 0) + 1
+
+    def count(self, name: str, value: int) -> None:
+        self.counts[name] = self.counts.get(name, 0) + value
+
+    def line(self) -> str | None:
+        if not _PROFILE_TRIGGERS.intersection(self.calls):
+            return None
+        parts = [f"{name}={self.ms[name]:.1f}ms" for name in PROFILE_PHASES if name in self.ms]
+        parts += [f"{name}={value}" for name, value in sorted(self.counts.items())]
+        if _state.quiet_filter is not None:
+            parts.append(f"double_unpin_suppressed={_state.quiet_filter.suppressed - self._unpin_mark}")
+        return "kvdemo-profile: " + " ".join(parts)
+
+    def flush(self) -> None:
+        text = self.line()
+        if text is not None:
+            logger.info("%s", text)
+        self.ms.clear()
+        self.calls.clear()
+        self.counts.clear()
+        if _state.quiet_filter is not None:
+            self._unpin_mark = _state.quiet_filter.suppressed
+
+
+def _cuda_synchronizer() -> Callable[[], None]:
+    try:
+        import torch
+    except ImportError:
+        return lambda: None
+    if not torch.cuda.is_available():
+        return lambda: None
+    return torch.cuda.synchronize
+
+
+PROFILER = _Profiler()
+
+
+def _timed(original: Callable[..., Any], phase: str, *, synchronize: bool = True,
+           flush: bool = False, count_tokens: str | None = None) -> Callable[..., Any]:
+    """Wrap a method so its calls are timed as ``phase`` (and the step is logged when ``flush``)."""
+
+    @functools.wraps(original)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if count_tokens is not None and args:
+            try:
+                PROFILER.count(count_tokens, len(args[0]))
+            except TypeError:
+                pass
+        try:
+            with PROFILER.phase(phase, synchronize):
+                return original(self, *args, **kwargs)
+        finally:
+            if flush:
+                PROFILER.flush()
+
+    return _mark(wrapper, "profile")
+
+
+def _timed_generator(original: Callable[..., Any], phase: str) -> Callable[..., Any]:
+    """Wrap a generator method so the time spent in each of its steps is added to ``phase``."""
+
+    @functools.wraps(original)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Generator[Any, Any, Any]:
+        gen = original(self, *args, **kwargs)
+        sent: Any = None
+        try:
+            while True:
+                with PROFILER.phase(phase):
+                    try:
+                        item = gen.send(sent)
+                    except StopIteration as stop:
+                        return stop.value
+                sent = yield item
+        finally:
+            gen.close()
+
+    return _mark(wrapper, "profile")
+
+
+def _profile_methods(module: ModuleType, cls_name: str, plan: dict[str, Callable[[Any], Any]]) -> None:
+    cls = getattr(module, cls_name, None)
+    done = []
+    for method, make in plan.items():
+        original = getattr(cls, method, None)
+        if original is None:
+            _missing("profile", f"{module.__name__}.{cls_name}.{method}")
+            continue
+        if _already(original):
+            continue
+        setattr(cls, method, make(original))
+        done.append(method)
+    if done:
+        logger.info("kvdemo plugin: applied profile (%s.%s: %s)", module.__name__, cls_name, ", ".join(done))
+
+
+def _arm_profiling() -> None:
+    """Time the phases of a blended request (vllm 0.22.0 / lmcache 0.5.3 function names)."""
+    _when_imported(MOD_WORKER, functools.partial(_profile_methods, cls_name="Worker", plan={
+        "execute_model": lambda f: _timed(f, "step", flush=True),
+    }))
+    _when_imported(MOD_ADAPTER, functools.partial(_profile_methods, cls_name="LMCacheConnectorV1Impl", plan={
+        "get_num_new_matched_tokens": lambda f: _timed(f, "lookup", synchronize=False),
+        "start_load_kv": lambda f: _timed(f, "load"),
+        "save_kv_layer": lambda f: _timed(f, "save"),
+        "wait_for_save": lambda f: _timed(f, "wait_save"),
+    }))
+    _when_imported(MOD_BLENDER, functools.partial(_profile_methods, cls_name="LMCBlender", plan={
+        "blend": lambda f: _timed(f, "blend", count_tokens="blend_tokens"),
+    }))
+    _when_imported(MOD_CACHE_ENGINE, functools.partial(_profile_methods, cls_name="LMCacheEngine", plan={
+        "retrieve_layer": lambda f: _timed_generator(f, "retrieve"),
+        "store_layer": lambda f: _timed_generator(f, "store"),
+    }))
+    _when_imported(MOD_MODEL_BASE, functools.partial(_profile_methods, cls_name="LMCBaseModel", plan={
+        "compute_layer": lambda f: _timed_generator(f, "compute"),
+    }))
+
+
+# --------------------------------------------------------------------------------------------------
+# Test support
+# --------------------------------------------------------------------------------------------------
+
+
+def _reset_for_tests() -> None:
+    """Forget this process's plugin state (hooks, finder, handler). Patched targets stay marked."""
+    with _lock:
+        if _state.finder is not None and _state.finder in sys.meta_path:
+            sys.meta_path.remove(_state.finder)
+        if _state.handler is not None:
+            logger.removeHandler(_state.handler)
+            logger.propagate = True
+        _state.__init__()  # type: ignore[misc]
+        PROFILER.__init__()  # type: ignore[misc]

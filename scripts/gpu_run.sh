@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The exact commands run on the lent GPU machine (one H100) for the committed results.
+# Prerequisites there (../shared/GPU.md): wheels in /tmp/wstore; .gpu/install_on_device.sh and
+# .gpu/mistral7b-dummy (made with scripts/make_dummy_model.py) carried with the working tree.
+# Usage: bash scripts/gpu_run.sh STEP...   STEP = bench | profile | app   (small artefacts go to $OUT)
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+if [[ ! -f /tmp/site/kvdemo_done ]]; then
+  bash .gpu/install_on_device.sh "$PWD" > "$OUT/install.txt" 2>&1 || { cat "$OUT/install.txt"; exit 1; }
+  touch /tmp/site/kvdemo_done
+fi
+export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+MODEL=.gpu/mistral7b-dummy
+ENGINE_ARGS="--load-format dummy --enforce-eager"
+QUESTION="Which section explains how names are bound, and what does it say?"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+keep_logs() {  # $1 step, $2 log dir, $3 engines to keep
+  for key in $3; do
+    [[ -f $2/$key.log ]] && grep -v "Double unpin" "$2/$key.log" | tail -c 4000000 > "$OUT/$1-$key.log"
+  done
+}
+rc=0
+for step in "$@"; do
+  logs=/tmp/kvlogs-$step; rm -rf "$logs"
+  case $step in
+    bench)
+      timeout ${BENCH_TIMEOUT:-400} python -m kvdemo.bench --model $MODEL --engine-args "$ENGINE_ARGS" \
+        --log-dir "$logs" --contexts 4000,8000,16000,24000 --repeats 3 --decode-tokens 256 \
+        --ask "$QUESTION" 2>&1 | tee "$OUT/bench.txt" | grep -v " INFO "
+      rc=$((rc | PIPESTATUS[0]))
+      cp benchmarks/results/blend-*.json "$OUT/" 2>/dev/null
+      keep_logs bench "$logs" "lmcache plain" ;;
+    app|profile)
+      if [[ $step == profile ]]; then export KVDEMO_PROFILE=1; fi
+      timeout ${APP_TIMEOUT:-170} python app.py --model $MODEL --engine-args "$ENGINE_ARGS" --log-dir "$logs" \
+        --no-ui --ask "$QUESTION" 2>&1 | tee "$OUT/$step.txt" | grep -v " INFO "
+      rc=$((rc | PIPESTATUS[0]))
+      unset KVDEMO_PROFILE
+      keep_logs "$step" "$logs" "lmcache" ;;
+  esac
+  if ps -eo cmd | grep -E "vllm|kvdemo" | grep -v grep; then echo "^ processes left after $step"
+  else echo "no engine processes left after $step"; fi
+done
+exit "$rc"

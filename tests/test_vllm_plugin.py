@@ -1,0 +1,630 @@
+"""Tests for kvdemo.vllm_plugin on CPU, without vllm, lmcache or torch.
+
+Fake modules with the exact module paths and names the plugin patches (vllm 0.22.0 / lmcache 0.5.3) are
+put in ``sys.modules``; one test writes a fake package to disk to exercise the post-import hook.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import textwrap
+import types
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+
+from kvdemo import vllm_plugin as vp
+
+ENGINE_NAME = "vllm-instance"
+SEP = [938, 938, 223]  # " # # " minus BOS with the dummy model's tokenizer (GPU.md)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fakes
+# --------------------------------------------------------------------------------------------------
+
+
+class FakeTracker:
+    """Mimics lmcache.v1.compute.models.utils.VLLMModelTracker."""
+
+    _vllm_models: ClassVar[dict[str, Any]] = {}
+    calls: ClassVar[list[tuple[str, Any]]] = []
+
+    @classmethod
+    def register_model(cls, instance_id: str, vllm_model: Any) -> None:
+        cls.calls.append((instance_id, vllm_model))
+        cls._vllm_models.setdefault(instance_id, vllm_model)
+
+    @classmethod
+    def get_model(cls, instance_id: str) -> Any:
+        if instance_id not in cls._vllm_models:
+            raise ValueError(f"vllm model for {instance_id} not found.")
+        return cls._vllm_models[instance_id]
+
+
+class LMCLlamaModel:
+    def __init__(self, vllm_model: Any, blender: Any, enable_sparse: bool = False) -> None:
+        self.vllm_model, self.blender, self.enable_sparse = vllm_model, blender, enable_sparse
+
+
+class LMCQwen3Model(LMCLlamaModel):
+    pass
+
+
+def fake_infer_model_from_vllm(vllm_model: Any, blender: Any, enable_sparse: bool = False) -> Any:
+    """Same dispatch as lmcache 0.5.3 models/utils.py:14."""
+    name = type(vllm_model).__name__
+    if name in ("LlamaForCausalLM", "Qwen2ForCausalLM"):
+        return LMCLlamaModel(vllm_model, blender, enable_sparse)
+    if name == "Qwen3ForCausalLM":
+        return LMCQwen3Model(vllm_model, blender, enable_sparse)
+    raise NotImplementedError(f"Model type {name} is not supported in LMCache.")
+
+
+def _model_class(name: str, llama4_scaling: bool = False) -> type:
+    def __init__(self: Any) -> None:
+        attn = types.SimpleNamespace(do_llama_4_scaling=llama4_scaling)
+        self.model = types.SimpleNamespace(layers=[types.SimpleNamespace(self_attn=attn)])
+
+    return type(name, (), {"__init__": __init__})
+
+
+class FakeRunner:
+    def __init__(self) -> None:
+        self.model = _model_class("MistralForCausalLM")()
+
+    def get_model(self) -> Any:
+        return self.model
+
+
+class FakeWorker:
+    """Mimics vllm.v1.worker.gpu_worker.Worker (load_model is keyword-only in 0.22.0)."""
+
+    def __init__(self) -> None:
+        self.model_runner = FakeRunner()
+        self.loaded = 0
+
+    def load_model(self, *, load_dummy_weights: bool = False) -> None:
+        self.loaded += 1
+
+    def execute_model(self, scheduler_output: Any) -> str:
+        return "output"
+
+
+class BuggySegmentTokenDatabase:
+    """lmcache 0.5.3 token_database.py:470 on plain lists, bug included (no return after the yield)."""
+
+    def __init__(self, sep: list[int]) -> None:
+        self.sep_tokens = list(sep)
+        self.sep_len = len(sep)
+
+    def _fast_split_by_subtensor(self, tokens: list[int]) -> Iterator[list[int]]:
+        if self.sep_len == 0 or len(tokens) < self.sep_len:
+            yield tokens
+        windows = [tokens[i:i + self.sep_len] for i in range(len(tokens) - self.sep_len + 1)]
+        matches = [i for i, window in enumerate(windows) if window == self.sep_tokens]
+        start = 0
+        for idx in matches:
+            yield tokens[start:idx]
+            start = idx + self.sep_len
+        yield tokens[start:]
+
+
+class FakeTensor:
+    """Enough of a tensor for FusedRope: a device and a counted .to()."""
+
+    copies = 0
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+
+    def to(self, device: str) -> FakeTensor:
+        if device == self.device:
+            return self
+        FakeTensor.copies += 1
+        return FakeTensor(device)
+
+
+class FakeFusedRope:
+    """lmcache 0.5.3 positional_encoding.py:53 with the kernel call replaced by a record."""
+
+    def __init__(self) -> None:
+        self.cos_sin_cache = FakeTensor("cpu")
+        self.kernel_caches: list[FakeTensor] = []
+
+    def fused_encode(self, old_positions: Any, new_positions: Any, k: FakeTensor) -> FakeTensor:
+        self.kernel_caches.append(self.cos_sin_cache.to(k.device))
+        return k
+
+
+def _module(monkeypatch: pytest.MonkeyPatch, name: str, **attrs: Any) -> types.ModuleType:
+    module = types.ModuleType(name)
+    module.__dict__.update(attrs)
+    monkeypatch.setitem(sys.modules, name, module)
+    return module
+
+
+class Fakes(types.SimpleNamespace):
+    pass
+
+
+@pytest.fixture
+def fakes(monkeypatch: pytest.MonkeyPatch) -> Fakes:
+    """Fake vllm/lmcache modules at the exact paths the plugin patches (fresh classes per test)."""
+    FakeTracker._vllm_models = {}
+    FakeTracker.calls = []
+    FakeTensor.copies = 0
+    worker_cls = type("Worker", (FakeWorker,), {})
+    db_cls = type("SegmentTokenDatabase", (BuggySegmentTokenDatabase,), {})
+    rope_cls = type("FusedRope", (FakeFusedRope,), {})
+    for pkg in ("vllm", "vllm.v1", "vllm.v1.worker", "lmcache", "lmcache.integration",
+                "lmcache.integration.vllm", "lmcache.v1", "lmcache.v1.compute", "lmcache.v1.compute.models",
+                "lmcache.v1.compute.blend"):
+        _module(monkeypatch, pkg)
+    ns = Fakes(
+        worker=_module(monkeypatch, "vllm.v1.worker.gpu_worker", Worker=worker_cls),
+        utils=_module(monkeypatch, "lmcache.integration.vllm.utils", ENGINE_NAME=ENGINE_NAME),
+        models=_module(monkeypatch, "lmcache.v1.compute.models.utils", VLLMModelTracker=FakeTracker,
+                       infer_model_from_vllm=fake_infer_model_from_vllm),
+        llama=_module(monkeypatch, "lmcache.v1.compute.models.llama", LMCLlamaModel=LMCLlamaModel),
+        blender=_module(monkeypatch, "lmcache.v1.compute.blend.blender",
+                        infer_model_from_vllm=fake_infer_model_from_vllm),
+        token_db=_module(monkeypatch, "lmcache.v1.token_database", SegmentTokenDatabase=db_cls),
+        rope=_module(monkeypatch, "lmcache.v1.compute.positional_encoding", FusedRope=rope_cls),
+    )
+    ns.Worker, ns.SegmentTokenDatabase, ns.FusedRope = worker_cls, db_cls, rope_cls
+    return ns
+
+
+@pytest.fixture(autouse=True)
+def clean_plugin(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Fresh plugin state, env and logger filters for every test; drop modules a test imported."""
+    for var in (vp.ENV_ENABLE, vp.ENV_FIXES, vp.ENV_PROFILE):
+        monkeypatch.delenv(var, raising=False)
+    vp._reset_for_tests()
+    before = set(sys.modules)
+    unpin_logger = logging.getLogger(vp.DOUBLE_UNPIN_LOGGER)
+    filters = list(unpin_logger.filters)
+    yield
+    vp._reset_for_tests()
+    unpin_logger.filters[:] = filters
+    for name in set(sys.modules) - before:
+        if name.split(".")[0] in ("lmcache", "vllm"):
+            del sys.modules[name]
+
+
+def _enable(monkeypatch: pytest.MonkeyPatch, fixes: str | None = None) -> None:
+    monkeypatch.setenv(vp.ENV_ENABLE, "1")
+    if fixes is not None:
+        monkeypatch.setenv(vp.ENV_FIXES, fixes)
+
+
+def reference_split(tokens: list[int], sep: list[int]) -> list[list[int]]:
+    """What the split must yield: LMCache's windows semantics, one segment for a too-short list."""
+    if not sep or len(tokens) < len(sep):
+        return [tokens]
+    out, start = [], 0
+    for i in range(len(tokens) - len(sep) + 1):
+        if tokens[i:i + len(sep)] == sep:
+            out.append(tokens[start:i])
+            start = i + len(sep)
+    out.append(tokens[start:])
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Switches
+# --------------------------------------------------------------------------------------------------
+
+
+def test_nothing_happens_without_env(fakes: Fakes) -> None:
+    original_load = fakes.Worker.load_model
+    original_split = fakes.SegmentTokenDatabase._fast_split_by_subtensor
+    finders = list(sys.meta_path)
+
+    vp.register()
+
+    assert fakes.Worker.load_model is original_load
+    assert fakes.models.infer_model_from_vllm is fake_infer_model_from_vllm
+    assert fakes.blender.infer_model_from_vllm is fake_infer_model_from_vllm
+    assert fakes.SegmentTokenDatabase._fast_split_by_subtensor is original_split
+    assert sys.meta_path == finders
+    fakes.Worker().load_model()
+    assert FakeTracker.calls == []
+
+
+def test_env_other_than_1_is_off(fakes: Fakes, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(vp.ENV_ENABLE, "0")
+    vp.register()
+    assert not vp._already(fakes.Worker.load_model)
+
+
+def test_missing_lmcache_does_not_crash(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setitem(sys.modules, "lmcache", None)  # "not importable"
+    _enable(monkeypatch)
+    finders = list(sys.meta_path)
+    with caplog.at_level(logging.INFO, logger=vp.logger.name):
+        vp.register()
+        vp.register()
+    assert sys.meta_path == finders
+    lines = [r.getMessage() for r in caplog.records if "lmcache is not importable" in r.getMessage()]
+    assert len(lines) == 1
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (None, set(vp.ALL_FIXES)),
+    ("", set(vp.ALL_FIXES)),
+    ("all", set(vp.ALL_FIXES)),
+    ("none", set()),
+    ("register,split", {"register", "split"}),
+    ("all,-sync,-quiet", set(vp.ALL_FIXES) - {"sync", "quiet"}),
+    (" Rope , bogus ", {"rope"}),
+])
+def test_parse_fixes(value: str | None, expected: set[str]) -> None:
+    assert vp.parse_fixes(value) == expected
+
+
+# --------------------------------------------------------------------------------------------------
+# Fix 1: model registration
+# --------------------------------------------------------------------------------------------------
+
+
+def test_load_model_registers_model_under_engine_name(fakes: Fakes, monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    _enable(monkeypatch)
+    with caplog.at_level(logging.INFO, logger=vp.logger.name):
+        vp.register()
+    assert any("applied register" in r.getMessage() for r in caplog.records)
+
+    worker = fakes.Worker()
+    assert worker.load_model(load_dummy_weights=True) is None
+    assert worker.loaded == 1
+    assert FakeTracker.calls == [(ENGINE_NAME, worker.model_runner.get_model())]
+    assert FakeTracker.get_model(ENGINE_NAME) is worker.model_runner.model
+
+
+def test_register_is_idempotent(fakes: Fakes, monkeypatch: pytest.MonkeyPatch) -> None:
+    _enable(monkeypatch)
+    original = fakes.Worker.load_model
+    vp.register()
+    vp.register()
+    vp._reset_for_tests()  # as if the plugin module had been imported afresh
+    vp.register()
+    vp.register()
+
+    assert fakes.Worker.load_model.__wrapped__ is original
+    assert fakes.models.infer_model_from_vllm.__wrapped__ is fake_infer_model_from_vllm
+    assert fakes.SegmentTokenDatabase._fast_split_by_subtensor.__wrapped__ is (
+        BuggySegmentTokenDatabase._fast_split_by_subtensor)
+    worker = fakes.Worker()
+    worker.load_model()
+    assert worker.loaded == 1
+    assert len(FakeTracker.calls) == 1
+    assert len(logging.getLogger(vp.DOUBLE_UNPIN_LOGGER).filters) == 1
+
+
+def test_fix_selection(fakes: Fakes, monkeypatch: pytest.MonkeyPatch) -> None:
+    _enable(monkeypatch, "all,-mistral,-rope")
+    vp.register()
+    assert vp._already(fakes.Worker.load_model)
+    assert vp._already(fakes.SegmentTokenDatabase._fast_split_by_subtensor)
+    assert fakes.models.infer_model_from_vllm is fake_infer_model_from_vllm
+    assert not vp._already(fakes.FusedRope.fused_encode)
+
+
+def test_missing_target_warns(fakes: Fakes, monkeypatch: pytest.MonkeyPatch,
+                              caplog: pytest.LogCaptureFixture) -> None:
+    fakes.worker.Worker = type("Worker", (), {})  # a vLLM whose Worker has no load_model
+    _enable(monkeypatch, "register")
+    with caplog.at_level(logging.INFO, logger=vp.logger.name):
+        vp.register()
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("Worker.load_model not found" in r.getMessage() for r in warnings)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fix 2: Mistral -> Llama
+# --------------------------------------------------------------------------------------------------
+
+
+def test_mistral_maps_to_llama_in_both_modules(fakes: Fakes, monkeypatch: pytest.MonkeyPatch) -> None:
+    mistral = _model_class("MistralForCausalLM")()
+    with pytest.raises(NotImplementedError):
+        fakes.blender.infer_model_from_vllm(mistral, "blender")
+
+    _enable(monkeypatch)
+    vp.register()
+
+    for module in (fakes.models, fakes.blender):
+        result = module.infer_model_from_vllm(mistral, "blender", True)
+        assert type(result) is LMCLlamaModel
+        assert (result.vllm_model, result.blender, result.enable_sparse) == (mistral, "blender", True)
+
+
+def test_other_models_keep_their_behaviour(fakes: Fakes, monkeypatch: pytest.MonkeyPatch) -> None:
+    _enable(monkeypatch)
+    vp.register()
+    infer = fakes.blender.infer_model_from_vllm
+    assert type(infer(_model_class("LlamaForCausalLM")(), None)) is LMCLlamaModel
+    assert type(infer(_model_class("Qwen3ForCausalLM")(), None)) is LMCQwen3Model
+    with pytest.raises(NotImplementedError):
+        infer(_model_class("GemmaForCausalLM")(), None)
+    with pytest.raises(NotImplementedError):  # Llama-4 attention scaling is not in LMCLlamaModel
+        infer(_model_class("MistralForCausalLM", llama4_scaling=True)(), None)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fix 3: split returns after its early yield
+# --------------------------------------------------------------------------------------------------
+
+
+SPLIT_CASES = [
+    [1],                                                    # [BOS] only: shorter than SEP
+    [],
+    [1, 938],
+    [938, 938, 223],                                        # exactly SEP
+    [1, 5, 6],                                              # as long as SEP, no match
+    [1, 5, 938, 938, 223, 7, 8, 938, 938, 223, 9],
+    [1, 938, 938, 223, 7, 938, 938, 223],                   # trailing SEP -> empty last segment
+    [1, 938, 938, 938, 223, 4],                             # partial match before the real one
+    list(range(100, 400)) + SEP + list(range(5, 50)) + SEP + [77],
+]
+
+
+def test_buggy_original_really_is_buggy() -> None:
+    db = BuggySegmentTokenDatabase(SEP)
+    assert list(db._fast_split_by_subtensor([1])) == [[1], [1]]  # the extra segment the fix removes
+
+
+@pytest.mark.parametrize("tokens", SPLIT_CASES)
+def test_split_fix_yields_exact_segments(fakes: Fakes, monkeypatch: pytest.MonkeyPatch,
+                                         tokens: list[int]) -> None:
+    _enable(monkeypatch)
+    vp.register()
+    db = fakes.SegmentTokenDatabase(SEP)
+    assert list(db._fast_split_by_subtensor(tokens)) == reference_split(tokens, SEP)
+
+
+def test_split_known_segments(fakes: Fakes, monkeypatch: pytest.MonkeyPatch) -> None:
+    _enable(monkeypatch)
+    vp.register()
+    split = fakes.SegmentTokenDatabase(SEP)._fast_split_by_subtensor
+    assert list(split([1])) == [[1]]
+    assert list(split([1, 5, 938, 938, 223, 7, 8, 938, 938, 223, 9])) == [[1, 5], [7, 8], [9]]
+    assert list(split([1, 938, 938, 223, 4, 4])) == [[1], [4, 4]]
+    # overlapping windows behave as LMCache's unfold match: both starts count
+    overlapping = fakes.SegmentTokenDatabase([9, 9])._fast_split_by_subtensor
+    assert list(overlapping([1, 9, 9, 9, 2])) == [[1], [], [2]]
+    assert list(fakes.SegmentTokenDatabase([])._fast_split_by_subtensor([1, 2])) == [[1, 2]]
+
+
+def test_find_separator_starts() -> None:
+    assert vp.find_separator_starts([1, 9, 9, 9, 2], [9, 9]) == [1, 2]
+    assert vp.find_separator_starts([1, 2], [1, 2, 3]) == []
+    assert vp.find_separator_starts([1, 2], []) == []
+
+
+def test_split_tensor_path_matches_list_path() -> None:
+    torch = pytest.importorskip("torch")
+    db = types.SimpleNamespace(sep_tokens=torch.tensor(SEP), sep_len=len(SEP))
+    for tokens in SPLIT_CASES:
+        got = [t.tolist() for t in vp.fast_split_by_subtensor(db, torch.tensor(tokens, dtype=torch.long))]
+        assert got == reference_split(tokens, SEP)
+
+
+# --------------------------------------------------------------------------------------------------
+# Speed fixes
+# --------------------------------------------------------------------------------------------------
+
+
+def test_rope_cache_moves_to_device_once(fakes: Fakes, monkeypatch: pytest.MonkeyPatch) -> None:
+    rope = fakes.FusedRope()
+    k = FakeTensor("cuda:0")
+    rope.fused_encode(None, None, k)
+    rope.fused_encode(None, None, k)
+    assert FakeTensor.copies == 2  # the original copies on every call
+
+    _enable(monkeypatch)
+    vp.register()
+    FakeTensor.copies = 0
+    rope = fakes.FusedRope()
+    for _ in range(32):
+        assert rope.fused_encode(None, None, k) is k
+    assert FakeTensor.copies == 1
+    assert {c.device for c in rope.kernel_caches} == {"cuda:0"}
+    assert rope.cos_sin_cache.device == "cuda:0"
+
+
+def test_sync_fix_needs_the_copied_lmcache_version(fakes: Fakes, monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    def batched_to_gpu(self: Any, starts: list[int], ends: list[int], **kwargs: Any) -> Iterator[None]:
+        yield
+
+    connector = type("VLLMBufferLayerwiseGPUConnector", (), {"batched_to_gpu": batched_to_gpu})
+    module = _module(monkeypatch, "lmcache.v1.gpu_connector.gpu_connectors",
+                     VLLMBufferLayerwiseGPUConnector=connector, torch=object(), lmc_ops=object(),
+                     MemoryFormat=object(), LMCBlenderBuilder=object(), logger=logging.getLogger("x"))
+    _module(monkeypatch, "lmcache.v1.gpu_connector")
+
+    monkeypatch.setattr(vp, "_lmcache_version", lambda: "0.5.6")
+    _enable(monkeypatch, "sync")
+    with caplog.at_level(logging.INFO, logger=vp.logger.name):
+        vp.register()
+    assert connector.batched_to_gpu is batched_to_gpu
+    assert any(r.levelno == logging.WARNING and "'sync'" in r.getMessage() for r in caplog.records)
+
+    vp._reset_for_tests()
+    monkeypatch.setattr(vp, "_lmcache_version", lambda: "0.5.3")
+    vp.register()
+    assert getattr(connector.batched_to_gpu, vp._MARK) == "sync"
+    assert connector.batched_to_gpu.__wrapped__ is batched_to_gpu
+    assert module.VLLMBufferLayerwiseGPUConnector is connector
+
+
+def _lmcache_style_logger(name: str, stream: list[str]) -> logging.Logger:
+    """What lmcache.logging.init_logger does at import: own handler, no propagation, explicit level."""
+    lg = logging.getLogger(name)
+    lg.handlers.clear()
+    lg.propagate = False
+
+    class ListHandler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            stream.append(record.getMessage())
+
+    lg.addHandler(ListHandler(logging.INFO))
+    lg.setLevel(logging.INFO)
+    return lg
+
+
+def test_double_unpin_warnings_are_quieted(fakes: Fakes, monkeypatch: pytest.MonkeyPatch) -> None:
+    _enable(monkeypatch)
+    vp.register()  # before LMCache's memory_management is imported, as in a vLLM process
+    written: list[str] = []
+    lg = _lmcache_style_logger(vp.DOUBLE_UNPIN_LOGGER, written)  # the module's import runs init_logger
+    for addr in range(288):
+        lg.warning(f"Pin count of MemoryObj {addr}is negative: -1.Double unpin occurred somewhere."
+                   "Setting pin count back to 0 as a hack but please find the bug.")
+    lg.warning("Some other warning")
+
+    assert len(written) == 2
+    assert "Double unpin occurred" in written[0] and "kvdemo plugin" in written[0]
+    assert written[1] == "Some other warning"
+    assert vp._state.quiet_filter is not None and vp._state.quiet_filter.suppressed == 287
+
+
+def test_quiet_fix_off_keeps_warnings(fakes: Fakes, monkeypatch: pytest.MonkeyPatch) -> None:
+    _enable(monkeypatch, "all,-quiet")
+    vp.register()
+    written: list[str] = []
+    lg = _lmcache_style_logger(vp.DOUBLE_UNPIN_LOGGER, written)
+    for _ in range(3):
+        lg.warning("x Double unpin occurred somewhere.")
+    assert len(written) == 3
+
+
+# --------------------------------------------------------------------------------------------------
+# Post-import hook: patches applied when LMCache is imported after register()
+# --------------------------------------------------------------------------------------------------
+
+
+def _write_fake_lmcache(root: Path) -> None:
+    files = {
+        "lmcache/__init__.py": "",
+        "lmcache/v1/__init__.py": "",
+        "lmcache/v1/token_database.py": """
+            class SegmentTokenDatabase:
+                def __init__(self, sep):
+                    self.sep_tokens = list(sep)
+                    self.sep_len = len(sep)
+
+                def _fast_split_by_subtensor(self, tokens):
+                    if self.sep_len == 0 or len(tokens) < self.sep_len:
+                        yield tokens
+                    yield "bug"
+        """,
+        "lmcache/v1/compute/__init__.py": "",
+        "lmcache/v1/compute/models/__init__.py": "",
+        "lmcache/v1/compute/models/utils.py": """
+            def infer_model_from_vllm(vllm_model, blender, enable_sparse=False):
+                raise NotImplementedError(type(vllm_model).__name__)
+        """,
+        "lmcache/v1/compute/models/llama.py": """
+            class LMCLlamaModel:
+                def __init__(self, vllm_model, blender, enable_sparse=False):
+                    self.vllm_model = vllm_model
+        """,
+        "lmcache/v1/compute/blend/__init__.py": "",
+        "lmcache/v1/compute/blend/blender.py": """
+            from lmcache.v1.compute.models.utils import infer_model_from_vllm
+        """,
+    }
+    for rel, text in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text))
+
+
+def test_patches_apply_on_later_import(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _write_fake_lmcache(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [n for n in sys.modules if n == "lmcache" or n.startswith("lmcache.")]:
+        monkeypatch.delitem(sys.modules, name)
+    _enable(monkeypatch, "mistral,split")
+
+    vp.register()
+    assert "lmcache.v1.token_database" not in sys.modules  # nothing imported eagerly
+
+    from lmcache.v1.compute.blend import blender  # type: ignore[import-not-found]
+    from lmcache.v1.compute.models import utils  # type: ignore[import-not-found]
+    from lmcache.v1.token_database import SegmentTokenDatabase  # type: ignore[import-not-found]
+
+    assert list(SegmentTokenDatabase(SEP)._fast_split_by_subtensor([1])) == [[1]]
+    mistral = _model_class("MistralForCausalLM")()
+    assert type(blender.infer_model_from_vllm(mistral, None)).__name__ == "LMCLlamaModel"
+    assert type(utils.infer_model_from_vllm(mistral, None)).__name__ == "LMCLlamaModel"
+    assert blender.__spec__.loader is sys.modules["lmcache.v1.compute.blend.blender"].__loader__
+
+
+def test_renamed_module_warns_at_register(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "lmcache").mkdir()
+    (tmp_path / "lmcache" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [n for n in sys.modules if n == "lmcache" or n.startswith("lmcache.")]:
+        monkeypatch.delitem(sys.modules, name)
+    _enable(monkeypatch, "split")
+    with caplog.at_level(logging.INFO, logger=vp.logger.name):
+        vp.register()
+    assert any(r.levelno == logging.WARNING and "lmcache.v1.token_database not found" in r.getMessage()
+               for r in caplog.records)
+
+
+# --------------------------------------------------------------------------------------------------
+# Profiling
+# --------------------------------------------------------------------------------------------------
+
+
+def test_profile_off_leaves_execute_model(fakes: Fakes, monkeypatch: pytest.MonkeyPatch) -> None:
+    _enable(monkeypatch)
+    original = fakes.Worker.execute_model
+    vp.register()
+    assert fakes.Worker.execute_model is original
+
+
+def test_profile_logs_one_line_per_lmcache_step(fakes: Fakes, monkeypatch: pytest.MonkeyPatch,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    class LMCBlender:
+        def blend(self, tokens: list[int], mask: Any = None, **kwargs: Any) -> None:
+            list(engine.retrieve_layer(tokens))
+
+    class LMCacheEngine:
+        def retrieve_layer(self, tokens: list[int]) -> Iterator[int]:
+            for layer in range(3):
+                got = yield layer
+                assert got is None
+            return None
+
+    fakes.blender.LMCBlender = LMCBlender
+    _module(monkeypatch, "lmcache.v1.cache_engine", LMCacheEngine=LMCacheEngine)
+    _enable(monkeypatch)
+    monkeypatch.setenv(vp.ENV_PROFILE, "1")
+    engine = LMCacheEngine()
+
+    def execute_model(self: Any, scheduler_output: Any) -> str:
+        if scheduler_output == "prefill":
+            LMCBlender().blend(list(range(16125)))
+        return "output"
+
+    fakes.Worker.execute_model = execute_model
+    vp.register()
+    with caplog.at_level(logging.INFO, logger=vp.logger.name):
+        worker = fakes.Worker()
+        assert worker.execute_model("prefill") == "output"
+        assert worker.execute_model("decode") == "output"
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("kvdemo-profile:")]
+    assert len(lines) == 1
+    assert "step=" in lines[0] and "blend=" in lines[0] and "retrieve=" in lines[0]
+    assert "blend_tokens=16125" in lines[0]
