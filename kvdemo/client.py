@@ -62,7 +62,10 @@ class EngineClient:
 
     async def stream(self, prompt_ids: list[int], max_tokens: int, temperature: float = 0.0,
                      skip_save: bool = False, ignore_eos: bool = False) -> AsyncIterator[StreamEvent]:
-        extra: dict = {}
+        # The token ids travel in extra_body: openai's request-param transform walks every element of
+        # `prompt` in Python (~200 ms for 16K ids on a 2-core CPU, added to every TTFT); extra_body is merged
+        # into the JSON untouched. The server sees the same `prompt: [ids]` either way.
+        extra: dict = {"prompt": prompt_ids}
         if skip_save:
             extra["kv_transfer_params"] = {"lmcache.skip_save": True}
         if ignore_eos:
@@ -73,8 +76,8 @@ class EngineClient:
         n_tokens = 0
         prompt_tokens = len(prompt_ids)
         stream = await self._call(self._client.completions.create(
-            model=model, prompt=prompt_ids, max_tokens=max_tokens, temperature=temperature, stream=True,
-            stream_options={"include_usage": True}, extra_body=extra or None))
+            model=model, prompt=[], max_tokens=max_tokens, temperature=temperature, stream=True,
+            stream_options={"include_usage": True}, extra_body=extra))
         try:
             async for chunk in stream:
                 if chunk.usage is not None:
