@@ -57,8 +57,12 @@ def choose_gpus(settings: Settings, n_engines: int, available: list[Gpu] | None 
 
 def check_port_free(port: int, host: str = "127.0.0.1", what: str = "port") -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As servers do (uvicorn, vLLM): connections of a just-stopped engine in TIME_WAIT must not count
+        # as "in use" (seen on the GPU machine: a restart right after a run was refused), a listener must.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host if host != "0.0.0.0" else "", port))
+            s.listen(1)
         except OSError as exc:
             hint = "stop whatever uses it" + (" (an engine left from an earlier run?)" if "engine" in what else "")
             flag = "--port" if what == "UI port" else "--engine-ports"
