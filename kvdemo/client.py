@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import httpx
 import openai
 
 from .errors import EngineError, UserFacingError
@@ -90,7 +91,8 @@ class EngineClient:
                         n_tokens += 1
                     if choice.text:
                         yield TextDelta(choice.text)
-        except (openai.APIConnectionError, openai.APITimeoutError) as exc:
+        except (openai.APIConnectionError, openai.APITimeoutError, httpx.HTTPError) as exc:
+            # A dying engine breaks the stream: openai does not wrap errors raised while iterating it.
             raise EngineError(f"{self.label} stopped answering mid-stream ({type(exc).__name__}).",
                               self.key) from exc
         end = time.perf_counter()

@@ -18,8 +18,8 @@ from .session import MAX_TEMPERATURE, ChatState, EngineReply, speedup, stream_tu
 
 PANES = ("lmcache", "plain")
 WHY_LONG = ("Blending pays off on **long contexts**: it saves the prefill of reused chunks but costs a fixed "
-            "~0.1–0.2 s to load and partly recompute them. Measured on an H100: 1.2× at 8K tokens, 1.5× at 16K, "
-            "2× at 24K with stock settings — short contexts gain little or nothing.")
+            "~0.2 s to load and partly recompute them. Measured on one H100 (benchmarks/results/blend-h100.json): "
+            "slower than plain vLLM at 4K tokens, even at 8K, 1.5× faster at 16K and 1.6× at 24K.")
 CSS = """
 #speedup {font-size: 1.3em}
 .sim-banner {background: #fff3cd; color: #664d03; padding: 6px 12px; border-radius: 6px; font-weight: 600}
@@ -109,7 +109,9 @@ def build_ui(runtime: Runtime) -> gr.Blocks:
         return names
 
     def prepare(question, names, sys_prompt, temperature, max_tokens, engines, state: ChatState):
-        state.pending = None
+        if state.streaming or state.pending is not None:  # a new turn would write into this one's messages
+            busy = "⚠️ Still answering the previous question: ask again when it is done (or Clear chat)."
+            return state, busy, *_chats(state), gr.update()
         try:
             turn = validate_turn(runtime, question, names, sys_prompt, temperature, max_tokens, engines)
         except UserFacingError as exc:
@@ -134,17 +136,34 @@ def build_ui(runtime: Runtime) -> gr.Blocks:
         if turn is None:
             return
         state.pending = None
+        state.streaming = True
         try:
-            await runtime.ensure_sys_prompt_cached(sys_prompt)
-        except UserFacingError:
-            pass  # the LMCache engine's own reply will carry the error
-        async for replies in stream_turn(runtime, turn):
-            for key, reply in replies.items():
-                state.histories[key][-1] = {"role": "assistant", "content": _reply_message(reply, runtime)}
-                if reply.stats and not reply.error:
-                    state.last_stats[key] = reply.stats
-            yield (*_chats(state), *[stats_markdown(state.last_stats.get(k), runtime) for k in PANES],
-                   speedup_markdown(state, runtime), state)
+            try:
+                await runtime.ensure_sys_prompt_cached(sys_prompt)
+            except UserFacingError:
+                pass  # the LMCache engine's own reply will carry the error
+            async for replies in stream_turn(runtime, turn):
+                for key, reply in replies.items():
+                    history = state.histories.get(key)
+                    if not history:
+                        continue  # "Clear chat" was clicked while this turn streamed
+                    history[-1] = {"role": "assistant", "content": _reply_message(reply, runtime)}
+                    if reply.stats and not reply.error:
+                        state.last_stats[key] = reply.stats
+                yield (*_chats(state), *[stats_markdown(state.last_stats.get(k), runtime) for k in PANES],
+                       speedup_markdown(state, runtime), state)
+        finally:
+            state.streaming = False
+
+    def restart(key: str) -> str:
+        """Blocking (runs in Gradio's worker thread): the engine is back, or the message says why not."""
+        label = handles[key].spec.label
+        try:
+            seconds = runtime.restart_engine(key)
+        except UserFacingError as exc:
+            return f"⚠️ Restart of {label} failed: {exc}"
+        again = " and its chunks precomputed again" if handles[key].spec.lmcache else ""
+        return f"{label} restarted in {seconds:.1f} s{again}."
 
     def clear(state: ChatState):
         state.clear()
@@ -158,7 +177,11 @@ def build_ui(runtime: Runtime) -> gr.Blocks:
         if runtime.settings.simulate:
             gr.Markdown("SIMULATED: no GPU — engines are simulated and every timing is SIMULATED, "
                         "not a measurement.", elem_classes="sim-banner", elem_id="sim-banner")
-        status = gr.Markdown(runtime.status_line(), elem_id="status")
+        with gr.Row(equal_height=True):
+            status = gr.Markdown(runtime.status_line(), elem_id="status")
+            restarts = {key: gr.Button(f"Restart {h.spec.label.split()[0]}", elem_id=f"restart-{key}", size="sm",
+                                       scale=0, min_width=120)
+                        for key, h in handles.items() if h.process is not None}
         with gr.Row():
             with gr.Column(scale=2):
                 sys_prompt = gr.Textbox(library.sys_prompt, label="System prompt (editable)", lines=3,
@@ -216,5 +239,8 @@ def build_ui(runtime: Runtime) -> gr.Blocks:
             trigger(prepare, inputs, prepared_outputs, queue=False).then(stream, [sys_prompt, state],
                                                                          streamed_outputs)
         clear_btn.click(clear, state, [state, *chats, *stats, badge], queue=False)
+        for key, button in restarts.items():
+            button.click(lambda k=key: restart(k), None, notice, concurrency_limit=1,
+                         concurrency_id="restart")
         gr.Timer(2.0).tick(runtime.status_line, None, status, queue=False)
     return demo

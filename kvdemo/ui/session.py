@@ -46,6 +46,7 @@ class ChatState:
     histories: dict[str, list[dict]] = field(default_factory=dict)
     last_stats: dict[str, RequestStats] = field(default_factory=dict)
     pending: Turn | None = None
+    streaming: bool = False  # a turn's answers are still arriving: no second turn until they are done
 
     def clear(self) -> None:
         self.histories.clear()
@@ -105,8 +106,8 @@ async def stream_turn(runtime: Runtime, turn: Turn) -> AsyncIterator[dict[str, E
                     reply.stats = event.stats
                 await queue.put(h.spec.key)
         except EngineError as exc:
-            alive = h.process is None or h.process.alive()
-            reply.error = exc.short if alive else str(h.error_with_log(f"{h.spec.label} crashed."))
+            reply.error = exc.short if await _still_alive(h) else str(h.error_with_log(
+                f"{h.spec.label} crashed (exit code {h.process.proc.returncode}): use its Restart button."))
         except UserFacingError as exc:
             reply.error = str(exc)
         finally:
@@ -133,6 +134,18 @@ async def stream_turn(runtime: Runtime, turn: Turn) -> AsyncIterator[dict[str, E
     finally:
         for t in tasks:
             t.cancel()
+
+
+async def _still_alive(handle, grace_s: float = 3.0) -> bool:
+    """A broken stream usually means the engine died; give the OS a moment to reap it before deciding."""
+    if handle.process is None:
+        return True
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        if not handle.process.alive():
+            return False
+        await asyncio.sleep(0.1)
+    return handle.process.alive()
 
 
 def speedup(stats: dict[str, RequestStats]) -> float | None:
