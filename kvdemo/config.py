@@ -18,7 +18,7 @@ from .errors import UserFacingError
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = "mistralai/Mistral-7B-Instruct-v0.2"
 SIM_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "sim_tokenizer"
-SCENARIOS = ("blend", "share")
+SCENARIOS = ("blend",)  # "share" (KV sharing between engines) is not built yet
 FAIRNESS_MODES = ("auto", "sequential", "concurrent")
 # Fraction of a GPU's memory that all engines on it may take together (vLLM's own default is 0.9).
 GPU_MEMORY_BUDGET = 0.9
@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Every flag can also be set as env KVDEMO_<FLAG> (e.g. KVDEMO_MODEL).",
     )
     p.add_argument("--scenario", choices=SCENARIOS, default=_env("scenario", d.scenario),
-                   help="blend: LMCache vs plain vLLM on reordered chunks; share: KV sharing between engines")
+                   help="blend: LMCache vs plain vLLM on reordered chunks")
     p.add_argument("--model", default=_env("model", d.model), help="Hub model id or local model directory")
     p.add_argument("--simulate", action="store_true", default=_env_bool("simulate"),
                    help="no GPU needed: simulated engines, every number labelled SIMULATED")

@@ -13,6 +13,7 @@ import time
 
 from .config import Settings, parse_settings
 from .errors import EngineError, UserFacingError
+from .preflight import detect_gpus
 from .runtime import DEFAULT_CONTEXT_TOKENS, Runtime
 
 log = logging.getLogger("kvdemo")
@@ -58,6 +59,8 @@ def dry_run(runtime: Runtime) -> int:
     specs = runtime.plan()
     print(f"# kvdemo --dry-run: scenario {s.scenario}, model {s.model}; nothing is started.")
     print("# Every engine also inherits this process's environment.")
+    if not s.simulate and not s.attach and not s.gpus and not detect_gpus():
+        print("# No GPU detected here: showing the 1-GPU plan (use --gpus 0,1 for a 2-GPU machine).")
     for spec in specs:
         print(spec.describe() if not spec.url_override else f"# {spec.label}: attached at {spec.url}")
     mode = "sequential (engines share a GPU)" if any(sp.slot.shared for sp in specs) else "concurrent"

@@ -20,7 +20,7 @@ from .config import Settings
 from .engines import EngineProcess, EngineSpec, Watchdog
 from .errors import EngineError, UserFacingError
 from .precompute import PrecomputeProgress, precompute
-from .preflight import check_lmcache_config, check_model, check_port_free, choose_gpus
+from .preflight import check_lmcache_config, check_model, check_port_free, choose_gpus, detect_gpus
 from .prompts import ChunkLibrary, PromptBuilder, load_tokenizer
 from .scenarios import blend
 
@@ -70,7 +70,12 @@ class Runtime:
     def plan(self) -> list[EngineSpec]:
         """Engine specs without touching the machine beyond listing GPUs (what --dry-run prints)."""
         s = self.settings
-        gpus: list[int] = [] if (s.simulate or s.attach) else choose_gpus(s, 2)
+        if s.simulate or s.attach:
+            gpus: list[int] = []
+        elif s.dry_run and (s.gpus or not detect_gpus()):
+            gpus = s.gpus or [0]  # a plan for another machine: --dry-run --gpus 0,1 needs no GPU here
+        else:
+            gpus = choose_gpus(s, 2)
         if s.attach and len(s.attach) != 2:
             raise UserFacingError("--attach takes two URLs: the LMCache engine's, then the plain engine's.")
         return blend.engine_specs(s, gpus)
