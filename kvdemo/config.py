@@ -136,10 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no GPU needed: simulated engines, every number labelled SIMULATED")
     p.add_argument("--gpus", type=_int_list, default=_env("gpus"),
                    help="GPU indices to use, e.g. 0,1 (default: all that nvidia-smi lists)")
-    p.add_argument("--port", type=int, default=int(_env("port", str(d.port))), help="UI port")
+    p.add_argument("--port", type=int, default=_env("port", str(d.port)), help="UI port")
     p.add_argument("--engine-ports", type=_int_list, default=_env("engine_ports", "8000,8001,8002,8003"),
                    help="ports of the engines, in order (LMCache engine first)")
-    p.add_argument("--max-model-len", type=int, default=int(_env("max_model_len", str(d.max_model_len))))
+    p.add_argument("--max-model-len", type=int, default=_env("max_model_len", str(d.max_model_len)))
     p.add_argument("--gpu-memory-utilization", type=float, default=_env("gpu_memory_utilization"),
                    help="per engine (default: 0.9 split between the engines on a GPU)")
     p.add_argument("--kv-cache-gib", type=float, default=_env("kv_cache_gib"),
@@ -158,11 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help='extra vllm serve arguments for every engine, e.g. "--load-format dummy"')
     p.add_argument("--fairness", choices=FAIRNESS_MODES, default=_env("fairness", d.fairness),
                    help="auto: one engine after the other when they share a GPU, at once otherwise")
-    p.add_argument("--health-timeout", type=float, default=float(_env("health_timeout", "900")),
+    p.add_argument("--health-timeout", type=float, default=_env("health_timeout", "900"),
                    help="seconds to wait for engines to become healthy")
     p.add_argument("--no-ui", action="store_true", help="headless: start, precompute, answer --ask, exit")
     p.add_argument("--ask", default=_env("ask"), help="question to answer in headless mode")
-    p.add_argument("--sim-speed", type=float, default=float(_env("sim_speed", "1")),
+    p.add_argument("--sim-speed", type=float, default=_env("sim_speed", "1"),
                    help=argparse.SUPPRESS)
     return p
 
@@ -203,6 +203,13 @@ def validate(s: Settings) -> None:
         raise UserFacingError("--gpu-memory-utilization must be between 0.05 and 0.98.")
     if len(set(s.engine_ports)) != len(s.engine_ports) or s.port in s.engine_ports:
         raise UserFacingError("--engine-ports and --port must all be different ports.")
+    if s.scenario not in SCENARIOS:
+        raise UserFacingError(f"Unknown scenario {s.scenario!r} (KVDEMO_SCENARIO?): use one of {', '.join(SCENARIOS)}.")
+    if s.fairness not in FAIRNESS_MODES:
+        raise UserFacingError(f"Unknown fairness mode {s.fairness!r} (KVDEMO_FAIRNESS?): use one of "
+                              f"{', '.join(FAIRNESS_MODES)}.")
+    if len(s.engine_ports) < 2:
+        raise UserFacingError("--engine-ports needs two ports: the LMCache engine's, then the plain engine's.")
     if s.sim_speed <= 0:
         raise UserFacingError("--sim-speed must be positive.")
     if s.no_ui and not s.ask and not s.dry_run:

@@ -1,0 +1,132 @@
+"""The Gradio page's callbacks, called in-process (no browser) against the simulated engines.
+
+What a browser can hardly time reliably lives here: a second question, or "Clear chat", while a turn streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from conftest import LABELS, make_runtime
+
+from kvdemo.config import Settings
+from kvdemo.ui.app import build_ui, mode_markdown, sharing_warning
+from kvdemo.ui.session import ChatState
+
+
+@pytest.fixture(scope="module")
+def ui(builder, sim_engines):
+    runtime = make_runtime(builder, handles=sim_engines)
+    demo = build_ui(runtime)
+    fns = {f.name: f.fn for f in demo.fns.values()}
+    return runtime, fns
+
+
+def ask(runtime, fns, state: ChatState, question: str, max_tokens: int = 24):
+    names = list(runtime.library.chunks)[:2]
+    return fns["prepare"](question, names, runtime.library.sys_prompt, 0.0, max_tokens, LABELS, state)
+
+
+async def drain(agen) -> list[tuple]:
+    return [out async for out in agen]
+
+
+def messages(state: ChatState, key: str) -> list[str]:
+    return [m["content"] for m in state.histories.get(key, [])]
+
+
+def test_a_turn_streams_into_both_panes(ui):
+    runtime, fns = ui
+    state = ChatState()
+    _, notice, *_ = ask(runtime, fns, state, "What is a decorator?")
+    assert state.pending is not None and "Precompute" in notice  # this runtime never precomputed
+    outs = asyncio.run(drain(fns["stream"](runtime.library.sys_prompt, state)))
+    assert len(outs) > 2  # streamed in steps
+    chat_lm, chat_plain, stats_lm, stats_plain, badge, _ = outs[-1]
+    for chat, stats in ((chat_lm, stats_lm), (chat_plain, stats_plain)):
+        assert chat[-2] == {"role": "user", "content": "What is a decorator?"}
+        assert "[SIMULATED]" in chat[-1]["content"] and "TTFT" in chat[-1]["content"]
+        assert stats.startswith("TTFT") and stats.endswith("(SIMULATED)")
+    assert "to first token than 🐢 (SIMULATED)" in badge
+    assert not state.streaming and state.pending is None
+
+
+def test_second_question_while_streaming_is_refused(ui):
+    runtime, fns = ui
+    state = ChatState()
+    ask(runtime, fns, state, "First question?")
+
+    async def go():
+        agen = fns["stream"](runtime.library.sys_prompt, state)
+        await agen.__anext__()  # the first turn is streaming now
+        assert state.streaming
+        _, notice, chat_lm, chat_plain, _ = ask(runtime, fns, state, "Second question?")
+        assert "Still answering the previous question" in notice
+        assert len(chat_lm) == len(chat_plain) == 2  # no second turn was added
+        await drain(agen)
+
+    asyncio.run(go())
+    for key in ("lmcache", "plain"):
+        first_q, answer = messages(state, key)
+        assert first_q == "First question?" and "TTFT" in answer
+    assert not state.streaming
+    # Once done, the next question is taken.
+    _, notice, chat_lm, _, _ = ask(runtime, fns, state, "Second question?")
+    assert "Still answering" not in notice and chat_lm[-2]["content"] == "Second question?"
+    asyncio.run(drain(fns["stream"](runtime.library.sys_prompt, state)))
+    assert all("TTFT" in messages(state, k)[-1] for k in ("lmcache", "plain"))
+
+
+def test_clear_chat_while_streaming(ui):
+    runtime, fns = ui
+    state = ChatState()
+    ask(runtime, fns, state, "First question?")
+
+    async def go():
+        agen = fns["stream"](runtime.library.sys_prompt, state)
+        await agen.__anext__()
+        cleared = fns["clear"](state)
+        assert cleared[1:] == ([], [], "", "", "")
+        return await drain(agen)  # must not fail on the cleared histories
+
+    outs = asyncio.run(go())
+    assert all(out[0] == [] and out[1] == [] and out[2] == "" for out in outs)
+    assert state.histories == {} and state.last_stats == {} and not state.streaming
+    ask(runtime, fns, state, "After clearing?")
+    asyncio.run(drain(fns["stream"](runtime.library.sys_prompt, state)))
+    assert messages(state, "plain")[0] == "After clearing?" and "TTFT" in messages(state, "plain")[1]
+
+
+def test_invalid_question_adds_no_turn(ui):
+    runtime, fns = ui
+    state = ChatState()
+    _, notice, chat_lm, chat_plain, _ = ask(runtime, fns, state, "   ")
+    assert notice == "⚠️ Type a question first." and chat_lm == chat_plain == [] and state.pending is None
+    assert asyncio.run(drain(fns["stream"](runtime.library.sys_prompt, state))) == []
+
+
+def test_context_info(ui, builder):
+    runtime, fns = ui
+    names = list(runtime.library.chunks)[:3][::-1]
+    info, text = fns["context_info"](names, runtime.library.sys_prompt)
+    titles = runtime.library.titles()
+    assert f"**Context: {builder.context_tokens(names):,} tokens**, 3 chunks" in info
+    assert "Order: " + " → ".join(titles[n] for n in names) in info
+    assert text == builder.display_text(names)
+    over, _ = fns["context_info"](list(runtime.library.chunks), runtime.library.sys_prompt)
+    assert "over the limit of 32,768" in over
+    empty, _ = fns["context_info"]([], runtime.library.sys_prompt)
+    assert "(no chunks: question only)" in empty
+
+
+def test_sharing_warning():
+    assert sharing_warning(Settings()) is None
+    assert "--share" in sharing_warning(Settings(share=True))
+    assert "0.0.0.0" in sharing_warning(Settings(server_name="0.0.0.0"))
+    assert sharing_warning(Settings(share=True, auth=("u", "p"))) is None
+
+
+def test_answer_mode_text(builder):
+    assert "concurrent" in mode_markdown(make_runtime(builder))
+    assert "sequential" in mode_markdown(make_runtime(builder, "--fairness", "sequential"))
