@@ -188,11 +188,12 @@ def build_ui(runtime: Runtime) -> gr.Blocks:
                                         elem_id="sys-prompt")
                 chunks = gr.Dropdown(choices, value=default_chunks, multiselect=True, label="Chunks, in order",
                                      info="Selection order is prompt order.", elem_id="chunks")
-                with gr.Row():
+                with gr.Row(equal_height=True):
                     move_target = gr.Dropdown(choices, value=None, label="Move chunk", elem_id="move-chunk",
                                               scale=3)
-                    up = gr.Button("⬆ Up", elem_id="btn-up", size="sm", scale=1)
-                    down = gr.Button("⬇ Down", elem_id="btn-down", size="sm", scale=1)
+                    with gr.Column(scale=1, min_width=90):
+                        up = gr.Button("⬆ Up", elem_id="btn-up", size="sm")
+                        down = gr.Button("⬇ Down", elem_id="btn-down", size="sm")
                 with gr.Row():
                     reverse = gr.Button("⇅ Reverse order", elem_id="btn-reverse", size="sm")
                     shuffle = gr.Button("🔀 Shuffle", elem_id="btn-shuffle", size="sm")
