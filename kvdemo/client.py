@@ -22,6 +22,7 @@ class RequestStats:
     total_s: float
     completion_tokens: int
     prompt_tokens: int
+    cached_tokens: int | None = None  # prompt tokens the engine reported as reused (if it reports them)
 
     @property
     def decode_tok_s(self) -> float | None:
@@ -74,6 +75,7 @@ class EngineClient:
         model = await self.model()
         start = time.perf_counter()
         first: float | None = None
+        cached: int | None = None
         n_tokens = 0
         prompt_tokens = len(prompt_ids)
         stream = await self._call(self._client.completions.create(
@@ -84,6 +86,8 @@ class EngineClient:
                 if chunk.usage is not None:
                     n_tokens = chunk.usage.completion_tokens or n_tokens
                     prompt_tokens = chunk.usage.prompt_tokens or prompt_tokens
+                    details = getattr(chunk.usage, "prompt_tokens_details", None)
+                    cached = getattr(details, "cached_tokens", None) if details else None
                 for choice in chunk.choices:
                     if first is None:
                         first = time.perf_counter()
@@ -97,7 +101,7 @@ class EngineClient:
                               self.key) from exc
         end = time.perf_counter()
         yield Finished(RequestStats(ttft_s=(first or end) - start, total_s=end - start,
-                                    completion_tokens=n_tokens, prompt_tokens=prompt_tokens))
+                                    completion_tokens=n_tokens, prompt_tokens=prompt_tokens, cached_tokens=cached))
 
     async def complete(self, prompt_ids: list[int], max_tokens: int = 1, **kw) -> tuple[str, RequestStats]:
         """Whole answer and its stats (precompute, benchmarks, headless mode)."""

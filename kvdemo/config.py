@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from .errors import UserFacingError
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = "mistralai/Mistral-7B-Instruct-v0.2"
 SIM_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "sim_tokenizer"
-SCENARIOS = ("blend",)  # "share" (KV sharing between engines) is not built yet
+SCENARIOS = ("blend", "share")
 FAIRNESS_MODES = ("auto", "sequential", "concurrent")
 # Fraction of a GPU's memory that all engines on it may take together (vLLM's own default is 0.9).
 GPU_MEMORY_BUDGET = 0.9
@@ -52,6 +53,9 @@ class Settings:
     ask: str | None = None
     hf_token: str | None = None
     sim_speed: float = 1.0  # simulated engines only: >1 makes every simulated delay shorter
+    kv_store_dir: Path = Path(tempfile.gettempdir()) / "kvdemo-kv-store"  # share scenario: shared directory
+    kv_store: str | None = None  # share scenario: redis://host:port instead of the directory
+    clear_kv_store: bool = False
 
     @property
     def lmcache_config_path(self) -> Path:
@@ -130,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Every flag can also be set as env KVDEMO_<FLAG> (e.g. KVDEMO_MODEL).",
     )
     p.add_argument("--scenario", choices=SCENARIOS, default=_env("scenario", d.scenario),
-                   help="blend: LMCache vs plain vLLM on reordered chunks")
+                   help="blend: LMCache vs plain vLLM on reordered chunks; share: a second LMCache engine reuses the KV "
+                   "the first one stored")
     p.add_argument("--model", default=_env("model", d.model), help="Hub model id or local model directory")
     p.add_argument("--simulate", action="store_true", default=_env_bool("simulate"),
                    help="no GPU needed: simulated engines, every number labelled SIMULATED")
@@ -162,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to wait for engines to become healthy")
     p.add_argument("--no-ui", action="store_true", help="headless: start, precompute, answer --ask, exit")
     p.add_argument("--ask", default=_env("ask"), help="question to answer in headless mode")
+    p.add_argument("--kv-store-dir", type=Path, default=Path(_env("kv_store_dir", str(d.kv_store_dir))),
+                   help="share scenario: directory both LMCache engines store KV in (LMCache fs connector)")
+    p.add_argument("--kv-store", default=_env("kv_store"),
+                   help="share scenario: redis://host:port to share KV through a Redis server instead")
+    p.add_argument("--clear-kv-store", action="store_true", help="share scenario: empty the KV store at start")
     p.add_argument("--sim-speed", type=float, default=_env("sim_speed", "1"),
                    help=argparse.SUPPRESS)
     return p
@@ -190,6 +200,7 @@ def settings_from_args(a: argparse.Namespace) -> Settings:
         dry_run=a.dry_run, log_dir=a.log_dir, engine_args=shlex.split(a.engine_args or ""),
         fairness=a.fairness, health_timeout_s=a.health_timeout, no_ui=a.no_ui, ask=a.ask,
         hf_token=os.environ.get("HF_TOKEN") or None, sim_speed=a.sim_speed,
+        kv_store_dir=a.kv_store_dir, kv_store=a.kv_store, clear_kv_store=a.clear_kv_store,
     )
     validate(s)
     return s
@@ -208,8 +219,10 @@ def validate(s: Settings) -> None:
     if s.fairness not in FAIRNESS_MODES:
         raise UserFacingError(f"Unknown fairness mode {s.fairness!r} (KVDEMO_FAIRNESS?): use one of "
                               f"{', '.join(FAIRNESS_MODES)}.")
-    if len(s.engine_ports) < 2:
-        raise UserFacingError("--engine-ports needs two ports: the LMCache engine's, then the plain engine's.")
+    n_engines = 4 if s.scenario == "share" else 2
+    if len(s.engine_ports) < n_engines:
+        raise UserFacingError(f"--engine-ports needs {n_engines} ports for the {s.scenario} scenario "
+                              "(LMCache engines first).")
     if s.sim_speed <= 0:
         raise UserFacingError("--sim-speed must be positive.")
     if s.no_ui and not s.ask and not s.dry_run:

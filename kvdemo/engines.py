@@ -53,10 +53,19 @@ class EngineSpec:
     local_model: bool = False
     sim_speed: float = 1.0
     url_override: str | None = None  # --attach: someone else runs it
+    sim_store_dir: Path | None = None  # simulated LMCache engines: share stored KV through this directory
 
     @property
     def url(self) -> str:
         return self.url_override or f"http://127.0.0.1:{self.port}"
+
+    @property
+    def effective_max_model_len(self) -> int:
+        """vLLM refuses to start if one max-length request does not fit its KV cache (128 KiB/token, 7B)."""
+        kv_gib = self.kv_cache_gib if self.kv_cache_gib is not None else default_kv_cache_gib(self.slot)
+        if kv_gib is None or self.simulate:
+            return self.max_model_len
+        return min(self.max_model_len, int(kv_gib * 2**30 / (128 * 1024)) // 1024 * 1024 - 1024)
 
     def argv(self) -> list[str]:
         if self.simulate:
@@ -65,14 +74,16 @@ class EngineSpec:
                    "--max-model-len", str(self.max_model_len), "--speed", str(self.sim_speed)]
             if self.lmcache_config:
                 cmd += ["--lmcache-config", str(self.lmcache_config)]
+            if self.sim_store_dir:
+                cmd += ["--store-dir", str(self.sim_store_dir)]
             return cmd
         # `python -m vllm.entrypoints.cli.main` is what the `vllm` console script runs; it works even
         # when the script is not on PATH (e.g. a --target install).
         cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", self.model,
-               "--host", "127.0.0.1", "--port", str(self.port), "--max-model-len", str(self.max_model_len)]
+               "--host", "127.0.0.1", "--port", str(self.port), "--max-model-len", str(self.effective_max_model_len)]
         fraction = self.gpu_memory_utilization or self.slot.memory_fraction
         cmd += ["--gpu-memory-utilization", f"{fraction:.2f}"]
-        kv_gib = self.kv_cache_gib if self.kv_cache_gib is not None else (12.0 if self.slot.shared else None)
+        kv_gib = self.kv_cache_gib if self.kv_cache_gib is not None else default_kv_cache_gib(self.slot)
         if kv_gib:
             # Skips vLLM's memory profiling, so engines sharing one GPU can start at the same time.
             cmd += ["--kv-cache-memory-bytes", str(int(kv_gib * 2**30))]
@@ -105,6 +116,17 @@ class EngineSpec:
         gpu = "no GPU" if self.slot.gpu is None else (
             f"GPU {self.slot.gpu}" + (f" (shared by {self.slot.engines_on_gpu} engines)" if self.slot.shared else ""))
         return f"# {self.label} [{self.key}] on {gpu}, port {self.port}\n{env} {shlex.join(self.argv())}"
+
+
+def default_kv_cache_gib(slot: GpuSlot) -> float | None:
+    """KV cache per engine when engines share a GPU (sized for a 7B model on an 80 GB GPU).
+
+    Two engines: 12 GiB each (~98K tokens of Mistral-7B). Three or four: 3 GiB each (~24K tokens), so
+    max_model_len is capped to what fits (see EngineSpec.effective_max_model_len).
+    """
+    if not slot.shared:
+        return None
+    return 12.0 if slot.engines_on_gpu <= 2 else 3.0
 
 
 class EngineProcess:

@@ -77,7 +77,7 @@ def headless(runtime: Runtime, question: str) -> int:
         raise UserFacingError(f"Precompute failed: {runtime.progress.error}")
     builder = runtime.builder
     assert builder is not None
-    chunks = builder.default_selection(DEFAULT_CONTEXT_TOKENS, runtime.settings.max_model_len - 512)
+    chunks = builder.default_selection(DEFAULT_CONTEXT_TOKENS, runtime.max_model_len - 512)
     ids = builder.build(chunks, question)
     tag = " (SIMULATED)" if runtime.settings.simulate else ""
     print(f"kvdemo: {len(chunks)} chunks, {len(ids)} prompt tokens; precompute {runtime.progress.seconds:.2f} s{tag}")
@@ -87,7 +87,7 @@ def headless(runtime: Runtime, question: str) -> int:
         for h in runtime.engines:
             client = h.client()
             try:
-                text, stats = await client.complete(ids, max_tokens=128, skip_save=h.spec.lmcache)
+                text, stats = await client.complete(ids, max_tokens=128, skip_save=runtime.skip_save(h))
             finally:
                 await client.close()
             ttfts[h.spec.key] = stats.ttft_s
@@ -103,12 +103,13 @@ def headless(runtime: Runtime, question: str) -> int:
 
 def serve_ui(runtime: Runtime) -> int:
     from .ui.app import build_ui, launch_kwargs, sharing_warning  # lazy: gradio is slow to import
+    from .ui.share_app import build_share_ui
 
     s: Settings = runtime.settings
     warning = sharing_warning(s)
     if warning:
         print(f"kvdemo: WARNING: {warning}", flush=True)
-    demo = build_ui(runtime)
+    demo = build_share_ui(runtime) if s.scenario == "share" else build_ui(runtime)
     runtime.start_precompute()
     demo.queue(default_concurrency_limit=16, max_size=64)
     _, local_url, share_url = demo.launch(**launch_kwargs(s), prevent_thread_lock=True)

@@ -23,6 +23,7 @@ class PrecomputeProgress:
     seconds: float = 0.0
     error: str | None = None
     per_request_s: list[float] = field(default_factory=list)
+    what: str = "precompute"  # "preheat" in the share scenario: warm every engine, cache nothing useful
 
     @property
     def finished(self) -> bool:
@@ -30,20 +31,21 @@ class PrecomputeProgress:
 
     def line(self) -> str:
         if self.error:
-            return f"precompute failed: {self.error}"
+            return f"{self.what} failed: {self.error}"
         if self.total == 0:
-            return "precompute not started"
+            return f"{self.what} not started"
         if self.finished:
-            return f"precomputed {self.total} segments in {self.seconds:.2f} s"
-        return f"precomputing {self.done}/{self.total}…"
+            done = "precomputed {} segments" if self.what == "precompute" else "preheated with {} requests"
+            return f"{done.format(self.total)} in {self.seconds:.2f} s"
+        return f"{self.what} {self.done}/{self.total}…"
 
 
-async def precompute(client: EngineClient, prompts: list[list[int]], progress: PrecomputeProgress,
+async def precompute(requests: list[tuple[EngineClient, list[int]]], progress: PrecomputeProgress,
                      on_step: Callable[[PrecomputeProgress], None] | None = None) -> PrecomputeProgress:
-    """Send each prompt with max_tokens=1 (KV is stored as a side effect); report progress per request."""
-    progress.total = len(prompts)
+    """Send each (engine, prompt) with max_tokens=1 (KV is stored as a side effect); report progress."""
+    progress.total = len(requests)
     start = time.perf_counter()
-    for ids in prompts:
+    for client, ids in requests:
         t0 = time.perf_counter()
         await client.complete(ids, max_tokens=1)
         progress.per_request_s.append(time.perf_counter() - t0)

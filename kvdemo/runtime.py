@@ -19,10 +19,11 @@ from .client import EngineClient
 from .config import Settings
 from .engines import EngineProcess, EngineSpec, Watchdog
 from .errors import EngineError, UserFacingError
+from .kvstore import KvStore
 from .precompute import PrecomputeProgress, precompute
 from .preflight import check_lmcache_config, check_model, check_port_free, choose_gpus, detect_gpus
 from .prompts import ChunkLibrary, PromptBuilder, load_tokenizer
-from .scenarios import blend
+from .scenarios import blend, share
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.library = ChunkLibrary.load(settings.data_dir)
+        self.kv_store = KvStore.from_settings(settings.kv_store_dir, settings.kv_store)
         self.engines: list[EngineHandle] = []
         self.watchdog: Watchdog | None = None
         self.progress = PrecomputeProgress()
@@ -67,6 +69,10 @@ class Runtime:
         self._precompute_thread: threading.Thread | None = None
 
     # ----- start-up -------------------------------------------------------------------------------
+    @property
+    def n_engines(self) -> int:
+        return len(share.ENGINES) if self.settings.scenario == "share" else 2
+
     def plan(self) -> list[EngineSpec]:
         """Engine specs without touching the machine beyond listing GPUs (what --dry-run prints)."""
         s = self.settings
@@ -75,10 +81,14 @@ class Runtime:
         elif s.dry_run and (s.gpus or not detect_gpus()):
             gpus = s.gpus or [0]  # a plan for another machine: --dry-run --gpus 0,1 needs no GPU here
         else:
-            gpus = choose_gpus(s, 2)
-        if s.attach and len(s.attach) != 2:
-            raise UserFacingError("--attach takes two URLs: the LMCache engine's, then the plain engine's.")
-        return blend.engine_specs(s, gpus)
+            gpus = choose_gpus(s, self.n_engines)
+        if s.attach and len(s.attach) != self.n_engines:
+            raise UserFacingError(f"--attach takes {self.n_engines} URLs for the {s.scenario} scenario "
+                                  "(LMCache engines first).")
+        if s.scenario != "share":
+            return blend.engine_specs(s, gpus)
+        config = self.kv_store.write_lmcache_config(s.lmcache_config_path, s.log_dir)
+        return share.engine_specs(s, gpus, config, self.kv_store.directory)
 
     def start(self) -> None:
         """Preflight, start engines in parallel, wait for health (fail fast), load the tokenizer."""
@@ -86,6 +96,10 @@ class Runtime:
         specs = self.plan()
         check_lmcache_config(s.lmcache_config_path)
         check_model(s)
+        if s.scenario == "share" and not s.attach:
+            if s.clear_kv_store:
+                print(f"kvdemo: cleared {self.kv_store.clear() / 2**20:.0f} MiB from the KV store", flush=True)
+            self.kv_store.prepare(min_free_gib=0.1 if s.simulate else 4.0)
         if not s.attach:
             for spec in specs:
                 check_port_free(spec.port, what=f"engine port ({spec.label})")
@@ -127,6 +141,12 @@ class Runtime:
         assert self.builder is not None
         return self.builder.precompute_prompts(list(self.library.chunks))
 
+    def preheat_prompt(self, handle: EngineHandle) -> list[int]:
+        """A short request unlike any document, so an engine's first measured query is not a cold start."""
+        assert self.builder is not None
+        text = f"Preheat request for {handle.spec.key}: say hello."
+        return self.builder.bos_ids + list(self.builder.tokenizer.encode(text, add_special_tokens=False))
+
     def start_precompute(self) -> threading.Thread:
         """Precompute in a background thread (the UI shows progress); returns the thread."""
         self._precompute_thread = threading.Thread(target=self.run_precompute, name="precompute", daemon=True)
@@ -134,25 +154,33 @@ class Runtime:
         return self._precompute_thread
 
     def run_precompute(self) -> PrecomputeProgress:
-        prompts = self.precompute_prompts()
+        """Blend: store every chunk's KV in the LMCache engine. Share: preheat every engine instead."""
+        share_scenario = self.settings.scenario == "share"
+        if share_scenario:
+            plan = [(h, self.preheat_prompt(h)) for h in self.engines]
+            self.progress.what = "preheat"
+        else:
+            plan = [(self.lmcache_engine, ids) for ids in self.precompute_prompts()]
 
         def report(p: PrecomputeProgress) -> None:
-            print(f"kvdemo: precompute {p.done}/{p.total} ({p.seconds:.2f} s)", flush=True)
+            print(f"kvdemo: {p.what} {p.done}/{p.total} ({p.seconds:.2f} s)", flush=True)
 
         async def go() -> None:
-            client = self.lmcache_engine.client()
+            clients = {h.spec.key: h.client() for h, _ in plan}
             try:
-                await precompute(client, prompts, self.progress, report)
+                await precompute([(clients[h.spec.key], ids) for h, ids in plan], self.progress, report)
             finally:
-                await client.close()
+                for c in clients.values():
+                    await c.close()
 
         try:
             asyncio.run(go())
-            with self._lock:
-                self._cached_sys_prompts.add(tuple(prompts[0]))
+            if not share_scenario:
+                with self._lock:
+                    self._cached_sys_prompts.add(tuple(plan[0][1]))
         except UserFacingError as exc:
             self.progress.error = str(exc).splitlines()[0]
-            print(f"kvdemo: precompute failed: {exc}", flush=True)
+            print(f"kvdemo: {self.progress.what} failed: {exc}", flush=True)
         return self.progress
 
     async def ensure_sys_prompt_cached(self, sys_prompt: str) -> float | None:
@@ -191,7 +219,7 @@ class Runtime:
             h.model_name = None
             h.process.start()
             h.startup_s = self._wait_ready(h, stop_all_on_failure=False)
-            if h.spec.lmcache:
+            if h.spec.lmcache and self.settings.scenario == "blend":  # its chunk caches died with it
                 with self._lock:
                     self._cached_sys_prompts.clear()
                 self.progress = PrecomputeProgress()
@@ -201,7 +229,18 @@ class Runtime:
             with self._lock:
                 self._restarting.discard(key)
 
+    def skip_save(self, handle: EngineHandle) -> bool:
+        """Blended questions are not worth storing (and storing is on the TTFT path); in the share
+        scenario storing is the point: engine A stores what engine B then loads."""
+        return handle.spec.lmcache and self.settings.scenario == "blend"
+
     # ----- state for the UI -----------------------------------------------------------------------
+    @property
+    def max_model_len(self) -> int:
+        """The longest prompt + answer every engine accepts (engines sharing a GPU may be capped lower)."""
+        specs = [h.spec for h in self.engines] or self.plan()
+        return min(spec.effective_max_model_len for spec in specs)
+
     @property
     def shared_gpu(self) -> bool:
         slots = [h.spec.slot for h in self.engines]

@@ -40,7 +40,8 @@ class CostModel:
     prefill_s_per_token: float = 30e-6  # ~0.49 s for 16K uncached tokens
     blend_overhead_s: float = 0.08  # LMCache's per-request blending floor
     recompute_ratio: float = 0.15  # share of reused tokens recomputed when blending
-    load_s_per_token: float = 2.5e-6  # KV transfer of reused tokens
+    load_s_per_token: float = 2.5e-6  # KV transfer of reused tokens from CPU memory
+    shared_load_s_per_token: float = 12e-6  # from a shared file store (GPU.md: 16K in ~0.2 s)
     decode_tok_s: float = 60.0
     speed: float = 1.0
 
@@ -72,11 +73,11 @@ def _hash(ids: list[int] | tuple[int, ...], prev: str = "") -> str:
     return hashlib.sha1(prev.encode() + array("q", ids).tobytes()).hexdigest()[:20]
 
 
-def prefix_block_hashes(ids: list[int]) -> list[str]:
-    """Chained hashes of full 16-token blocks, as vLLM's prefix cache keys them (O(n), not O(n^2))."""
+def prefix_block_hashes(ids: list[int], block: int = BLOCK) -> list[str]:
+    """Chained hashes of full blocks, as vLLM's prefix cache (16) and LMCache's chunks (256) key them."""
     hashes, prev = [], ""
-    for end in range(BLOCK, len(ids) + 1, BLOCK):
-        prev = _hash(ids[end - BLOCK:end], prev)
+    for end in range(block, len(ids) + 1, block):
+        prev = _hash(ids[end - block:end], prev)
         hashes.append(prev)
     return hashes
 
@@ -101,8 +102,10 @@ class SimulatedEngine:
     """The cache state and timing model of one engine."""
 
     def __init__(self, mode: str, sep_ids: list[int], costs: CostModel, store: SegmentStore,
-                 max_model_len: int) -> None:
+                 max_model_len: int, blending: bool = True, chunk_size: int = 256) -> None:
         self.mode = mode
+        self.blending = blending
+        self.chunk_size = chunk_size
         self.sep_ids = sep_ids
         self.costs = costs
         self.store = store
@@ -122,6 +125,8 @@ class SimulatedEngine:
             reused = min(reused, len(ids) - 1)  # the last token is always computed
             self.prefix_blocks.update(hashes)
             return c.base_s + (len(ids) - reused) * c.prefill_s_per_token, reused
+        if not self.blending:
+            return self._prefix_chunk_prefill(ids, save)
         segments = split_segments(ids, self.sep_ids)
         reused = 0
         for seg in segments:  # LMCache's lookup is a prefix match over segments
@@ -139,6 +144,24 @@ class SimulatedEngine:
             seconds += c.blend_overhead_s + reused * (c.recompute_ratio * c.prefill_s_per_token + c.load_s_per_token)
         log.info("LMCache hit tokens: %d, need to load: %d (SIMULATED)", reused, reused)
         return seconds, reused
+
+    def _prefix_chunk_prefill(self, ids: list[int], save: bool) -> tuple[float, int]:
+        """LMCache without blending: reuse of the longest stored prefix of chunk_size-token chunks."""
+        c = self.costs
+        hashes = prefix_block_hashes(ids, self.chunk_size)
+        reused = 0
+        for h in hashes:
+            if h not in self.store:
+                break
+            reused += self.chunk_size
+        reused = min(reused, len(ids) - 1)
+        if save:
+            for h in hashes:
+                if h not in self.store:
+                    self.store.add(h, self.chunk_size)
+        per_token = c.shared_load_s_per_token if self.store.directory is not None else c.load_s_per_token
+        log.info("LMCache hit tokens: %d, need to load: %d (SIMULATED)", reused, reused)
+        return c.base_s + (len(ids) - reused) * c.prefill_s_per_token + reused * per_token, reused
 
 
 def build_app(engine: SimulatedEngine, model_name: str):
@@ -221,16 +244,19 @@ def _answer_words(prompt: list[int], max_tokens: int, ignore_eos: bool) -> list[
     return [(" " if i else "") + w for i, w in enumerate(words[:n])]
 
 
-def separator_ids(model: str, config_path: Path | None) -> list[int]:
-    """The blend separator's ids, computed as LMCache does (encode, drop the first id)."""
+def lmcache_settings(model: str, config_path: Path | None) -> dict:
+    """What the simulator takes from an LMCache yaml: separator ids (as LMCache computes them: encode,
+    drop the first id), whether blending is on, and the chunk size."""
     from .prompts import DEFAULT_SEPARATOR, load_tokenizer
 
-    sep = DEFAULT_SEPARATOR
+    data: dict = {}
     if config_path and config_path.is_file():
         import yaml
 
-        sep = (yaml.safe_load(config_path.read_text()) or {}).get("blend_special_str", sep)
-    return list(load_tokenizer(model).encode(sep))[1:]
+        data = yaml.safe_load(config_path.read_text()) or {}
+    sep = data.get("blend_special_str", DEFAULT_SEPARATOR)
+    return {"sep_ids": list(load_tokenizer(model).encode(sep))[1:],
+            "blending": bool(data.get("enable_blending", True)), "chunk_size": int(data.get("chunk_size", 256))}
 
 
 def main() -> None:
@@ -248,8 +274,9 @@ def main() -> None:
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     tokenizer_source = str(SIM_TOKENIZER_DIR) if a.model == DEFAULT_MODEL else a.model
-    engine = SimulatedEngine(a.mode, separator_ids(tokenizer_source, a.lmcache_config), CostModel(speed=a.speed),
-                             SegmentStore(a.store_dir), a.max_model_len)
+    lmc = lmcache_settings(tokenizer_source, a.lmcache_config)
+    engine = SimulatedEngine(a.mode, lmc["sep_ids"], CostModel(speed=a.speed), SegmentStore(a.store_dir),
+                             a.max_model_len, blending=lmc["blending"], chunk_size=lmc["chunk_size"])
     log.info("SIMULATED %s engine for %s on port %d", a.mode, a.model, a.port)
     import uvicorn
 

@@ -198,7 +198,7 @@ def run_dry(*args: str, **env: str) -> subprocess.CompletedProcess:
     ((), {"KVDEMO_PORT": "abc"}, "abc"),
     ((), {"KVDEMO_MAX_MODEL_LEN": "32k"}, "32k"),
     (("--engine-ports", "9000"), {}, "--engine-ports"),
-    ((), {"KVDEMO_SCENARIO": "share"}, "share"),  # not offered (yet): env must not bypass the flag's choices
+    ((), {"KVDEMO_SCENARIO": "sharing"}, "sharing"),  # env must not bypass the flag's choices
     ((), {"KVDEMO_FAIRNESS": "fastest"}, "fastest"),
 ])
 def test_cli_mistakes_get_a_message_not_a_traceback(args, env, expected):

@@ -82,14 +82,14 @@ def build_ui(runtime: Runtime) -> gr.Blocks:
     library = runtime.library
     titles = library.titles()
     choices = [(f"{titles[n]}  ({len(builder.chunk_ids(n)):,} tok)", n) for n in library.chunks]
-    default_chunks = builder.default_selection(DEFAULT_CONTEXT_TOKENS, runtime.settings.max_model_len - 512)
+    default_chunks = builder.default_selection(DEFAULT_CONTEXT_TOKENS, runtime.max_model_len - 512)
     handles = {h.spec.key: h for h in runtime.engines}
     labels = [h.spec.label for h in runtime.engines]
 
     def context_info(names: list[str] | None, sys_prompt: str) -> tuple[str, str]:
         names = list(names or [])
         n = builder.context_tokens(names, sys_prompt)
-        limit = runtime.settings.max_model_len
+        limit = runtime.max_model_len
         over = f" — over the limit of {limit:,} (--max-model-len)!" if n >= limit else ""
         order = " → ".join(titles.get(x, x) for x in names) or "(no chunks: question only)"
         return (f"**Context: {n:,} tokens**, {len(names)} chunks{over}  \nOrder: {order}",

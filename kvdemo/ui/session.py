@@ -76,7 +76,7 @@ def validate_turn(runtime: Runtime, question: str, chunk_names: list[str] | None
     if unknown:
         raise UserFacingError(f"Unknown chunk {unknown[0]!r}: reload the page.")
     ids = builder.build(names, question, sys_prompt)
-    limit = runtime.settings.max_model_len
+    limit = runtime.max_model_len
     if len(ids) + max_tokens > limit:
         raise UserFacingError(f"Context is {len(ids):,} tokens + {max_tokens} to generate, over the model's limit of "
                               f"{limit:,} (--max-model-len): deselect chunks or lower max tokens.")
@@ -99,7 +99,7 @@ async def stream_turn(runtime: Runtime, turn: Turn) -> AsyncIterator[dict[str, E
         client = h.client()
         try:
             async for event in client.stream(turn.prompt_ids, turn.max_tokens, turn.temperature,
-                                             skip_save=h.spec.lmcache):
+                                             skip_save=runtime.skip_save(h)):
                 if isinstance(event, TextDelta):
                     reply.text += event.text
                 elif isinstance(event, Finished):
