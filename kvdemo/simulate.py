@@ -256,7 +256,7 @@ def lmcache_settings(model: str, config_path: Path | None) -> dict:
         data = yaml.safe_load(config_path.read_text()) or {}
     sep = data.get("blend_special_str", DEFAULT_SEPARATOR)
     return {"sep_ids": list(load_tokenizer(model).encode(sep))[1:],
-            "blending": bool(data.get("enable_blending", True)), "chunk_size": int(data.get("chunk_size", 256))}
+            "blending": bool(data.get("enable_blending", False)), "chunk_size": int(data.get("chunk_size", 256))}
 
 
 def main() -> None:
