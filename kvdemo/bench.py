@@ -111,6 +111,46 @@ def summarize(context_target: int, repeats: list[dict]) -> dict:
     return case
 
 
+SHARE_TTFT_KEYS = ("a_cold_ttft_s", "b_after_a_ttft_s", "plain_a_ttft_s", "plain_b_ttft_s")
+
+
+async def run_share_repeat(runtime: Runtime, context_tokens: int, decode_tokens: int, tag: str) -> dict:
+    """One repeat of the share scenario with a fresh document: LMCache A (stores) → LMCache B (loads what A
+    stored, next question) → plain A → plain B. A and plain A also decode `decode_tokens` tokens."""
+    builder = runtime.builder
+    assert builder is not None
+    sys_ids = builder.sys_ids()
+    q1, q2 = (builder.question_ids(f"Question {tag}-{k}: which section explains name binding?") for k in range(2))
+    per_chunk = (context_tokens - len(sys_ids) - len(q1)) // CHUNKS_PER_PROMPT - len(builder.sep_ids)
+    chunks = synthetic_chunks(builder, CHUNKS_PER_PROMPT, per_chunk, tag)
+    first, second = builder.assemble(sys_ids, chunks, q1), builder.assemble(sys_ids, chunks, q2)
+    clients = {h.spec.key: h.client() for h in runtime.engines}
+    try:
+        before = runtime.kv_store.size_bytes()
+        a = await _ask(clients["lmcache_a"], first, decode_tokens, ignore_eos=True)
+        store_bytes = runtime.kv_store.size_bytes() - before
+        b = await _ask(clients["lmcache_b"], second)
+        plain_a = await _ask(clients["plain_a"], first, decode_tokens, ignore_eos=True)
+        plain_b = await _ask(clients["plain_b"], second)
+    finally:
+        for c in clients.values():
+            await c.close()
+    return {"context_tokens": len(first), "a_cold_ttft_s": a.ttft_s, "b_after_a_ttft_s": b.ttft_s,
+            "plain_a_ttft_s": plain_a.ttft_s, "plain_b_ttft_s": plain_b.ttft_s, "b_cached_tokens": b.cached_tokens,
+            "lmcache_decode_tok_s": a.decode_tok_s, "plain_decode_tok_s": plain_a.decode_tok_s,
+            "store_bytes": store_bytes}
+
+
+def summarize_share(context_target: int, repeats: list[dict]) -> dict:
+    keys = (*SHARE_TTFT_KEYS, "lmcache_decode_tok_s", "plain_decode_tok_s", "store_bytes")
+    med = {k: statistics.median(r[k] for r in repeats if r[k] is not None) for k in keys}
+    case = {"context_tokens": repeats[0]["context_tokens"], "context_target": context_target, **med,
+            "repeats": repeats}
+    case["b_after_a_over_a_cold"] = med["b_after_a_ttft_s"] / med["a_cold_ttft_s"]
+    case["decode_ratio_lmcache_over_plain"] = med["lmcache_decode_tok_s"] / med["plain_decode_tok_s"]
+    return case
+
+
 def versions() -> dict[str, str | None]:
     out = {}
     for pkg in ("vllm", "lmcache", "torch", "transformers"):
@@ -145,6 +185,9 @@ def plot(result: dict, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if result.get("scenario") == "share":
+        plot_share(result, png, plt)
+        return
     cases = result["cases"]
     x = [c["context_tokens"] / 1000 for c in cases]
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -171,6 +214,27 @@ def plot(result: dict, png: Path) -> None:
     plt.close(fig)
 
 
+def plot_share(result: dict, png: Path, plt) -> None:
+    cases = result["cases"]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    labels = {"a_cold_ttft_s": ("LMCache A (cold, stores)", "tab:blue"),
+              "b_after_a_ttft_s": ("LMCache B after A (loads)", "tab:cyan"),
+              "plain_a_ttft_s": ("plain vLLM A", "tab:red"), "plain_b_ttft_s": ("plain vLLM B", "tab:orange")}
+    width = 0.2
+    for i, (key, (label, color)) in enumerate(labels.items()):
+        xs = [j + (i - 1.5) * width for j in range(len(cases))]
+        ax.bar(xs, [c[key] for c in cases], width, label=label, color=color)
+    ax.set_xticks(range(len(cases)), [f"{c['context_tokens'] / 1000:.0f}K tokens" for c in cases])
+    ax.set_ylabel("time to first token (s), median")
+    v = result["versions"]
+    ax.set_title(f"KV sharing · {result['device']} · {result['weights']} weights\n"
+                 f"vllm {v.get('vllm')} + lmcache {v.get('lmcache')}", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
 def build_bench_parser() -> argparse.ArgumentParser:
     p = build_parser()
     p.prog = "python -m kvdemo.bench"
@@ -179,7 +243,7 @@ def build_bench_parser() -> argparse.ArgumentParser:
     g.add_argument("--repeats", type=int, default=3)
     g.add_argument("--decode-tokens", type=int, default=256, help="output tokens of the decode-speed requests")
     g.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
-    g.add_argument("--name", default="blend", help="result file stem: <name>-<gpu>.json")
+    g.add_argument("--name", help="result file stem: <name>-<gpu>.json (default: the scenario)")
     g.add_argument("--plot-only", type=Path, help="redraw the PNG of an existing result JSON and exit")
     g.add_argument("--skip-app-question", action="store_true",
                    help="do not run the app's headless question before the cases")
@@ -212,22 +276,27 @@ def run(argv: list[str] | None = None) -> dict:
         gpus = detect_gpus() if not settings.simulate else []
         device = "SIMULATED (no GPU)" if settings.simulate else (gpus[0].name if gpus else "unknown")
 
+        share_scenario = settings.scenario == "share"
+        repeat_fn, summarize_fn = (run_share_repeat, summarize_share) if share_scenario else (run_repeat, summarize)
+        keys = SHARE_TTFT_KEYS if share_scenario else TTFT_KEYS
+
         async def all_cases() -> list[dict]:
-            await run_repeat(runtime, max(contexts), a.decode_tokens, "warmup-" + uuid.uuid4().hex[:6])
+            await repeat_fn(runtime, max(contexts), a.decode_tokens, "warmup-" + uuid.uuid4().hex[:6])
             cases = []
             for ctx in contexts:
                 repeats = []
                 for i in range(a.repeats):
-                    rep = await run_repeat(runtime, ctx, a.decode_tokens, f"{ctx}-{i}-{uuid.uuid4().hex[:6]}")
+                    rep = await repeat_fn(runtime, ctx, a.decode_tokens, f"{ctx}-{i}-{uuid.uuid4().hex[:6]}")
                     print(f"kvdemo.bench: {ctx} tokens, repeat {i}: " + ", ".join(
-                        f"{k}={rep[k]:.3f}" for k in TTFT_KEYS), flush=True)
+                        f"{k}={rep[k]:.3f}" for k in keys), flush=True)
                     repeats.append(rep)
-                cases.append(summarize(ctx, repeats))
+                cases.append(summarize_fn(ctx, repeats))
             return cases
 
         cases = asyncio.run(all_cases())
         engine_args = " ".join(settings.engine_args)
         result = {
+            "scenario": settings.scenario,
             "device": device,
             "simulated": settings.simulate,
             "versions": versions(),
@@ -242,21 +311,29 @@ def run(argv: list[str] | None = None) -> dict:
             "precompute_library_s": runtime.progress.seconds,
             "precompute_library_requests": runtime.progress.total,
             "decode_tokens": a.decode_tokens,
-            "requests": "one at a time; blended questions sent with lmcache.skip_save",
+            "requests": "one at a time; " + ("LMCache engines store every request (A stores, B loads)"
+                                             if share_scenario else "blended questions sent with lmcache.skip_save"),
+            "kv_store": runtime.kv_store.remote_url if share_scenario else None,
             "cases": cases,
             "evidence": evidence(runtime),
         }
     finally:
         runtime.stop()
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{a.name}-{gpu_slug(device) if not settings.simulate else 'simulated'}"
+    name = a.name or settings.scenario
+    stem = f"{name}-{gpu_slug(device) if not settings.simulate else 'simulated'}"
     path = out / f"{stem}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"kvdemo.bench: wrote {path}")
     for c in cases:
-        print(f"  {c['context_tokens']:>6} tokens: plain reordered {c['plain_reordered_ttft_s']:.3f} s, "
-              f"blend reordered {c['blend_reordered_ttft_s']:.3f} s → {c['speedup_reordered']:.2f}×; "
-              f"prefix hit {c['plain_prefix_hit_ttft_s']:.3f} s")
+        if share_scenario:
+            print(f"  {c['context_tokens']:>6} tokens: A cold {c['a_cold_ttft_s']:.3f} s, B after A "
+                  f"{c['b_after_a_ttft_s']:.3f} s ({c['b_after_a_over_a_cold']:.2f}× cold); plain A "
+                  f"{c['plain_a_ttft_s']:.3f} s, plain B {c['plain_b_ttft_s']:.3f} s")
+        else:
+            print(f"  {c['context_tokens']:>6} tokens: plain reordered {c['plain_reordered_ttft_s']:.3f} s, "
+                  f"blend reordered {c['blend_reordered_ttft_s']:.3f} s → {c['speedup_reordered']:.2f}×; "
+                  f"prefix hit {c['plain_prefix_hit_ttft_s']:.3f} s")
     try:
         plot(result, path.with_suffix(".png"))
         print(f"kvdemo.bench: wrote {path.with_suffix('.png')}")

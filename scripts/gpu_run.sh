@@ -2,7 +2,7 @@
 # The exact commands run on the lent GPU machine (one H100) for the committed results.
 # Prerequisites there (../shared/GPU.md): wheels in /tmp/wstore; .gpu/install_on_device.sh and
 # .gpu/mistral7b-dummy (made with scripts/make_dummy_model.py) carried with the working tree.
-# Usage: bash scripts/gpu_run.sh STEP...   STEP = bench | profile | app   (small artefacts go to $OUT)
+# Usage: bash scripts/gpu_run.sh STEP...   STEP = bench | profile | app | share | offline   (artefacts to $OUT)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 if [[ ! -f /tmp/site/kvdemo_done ]]; then
@@ -30,6 +30,20 @@ for step in "$@"; do
       rc=$((rc | PIPESTATUS[0]))
       cp benchmarks/results/blend-*.json "$OUT/" 2>/dev/null
       keep_logs bench "$logs" "lmcache plain" ;;
+    share)
+      timeout ${SHARE_TIMEOUT:-400} python -m kvdemo.bench --scenario share --model $MODEL \
+        --engine-args "$ENGINE_ARGS" --log-dir "$logs" --kv-store-dir /tmp/kvdemo-kv-store --clear-kv-store \
+        --contexts 8000,16000 --repeats 3 --decode-tokens 256 --skip-app-question 2>&1 \
+        | tee "$OUT/share.txt" | grep -v " INFO "
+      rc=$((rc | PIPESTATUS[0]))
+      cp benchmarks/results/share-*.json "$OUT/" 2>/dev/null
+      keep_logs share "$logs" "lmcache_b" ;;
+    offline)
+      timeout ${OFFLINE_TIMEOUT:-300} python -m kvdemo.offline --model $MODEL --engine-args "$ENGINE_ARGS" \
+        --chunks data/chunks/0[1-6]-*.txt --question "$QUESTION" --repeats 3 --max-tokens 64 --json \
+        --output "$OUT/offline-h100.json" > "$OUT/offline-stdout.json" 2> "$OUT/offline-stderr.txt"
+      rc=$((rc | $?))
+      grep -E "Registering vllm model|Creating blender|LMCache hit tokens|Traceback" "$OUT/offline-stderr.txt" | head ;;
     app|profile)
       if [[ $step == profile ]]; then export KVDEMO_PROFILE=1; fi
       timeout ${APP_TIMEOUT:-170} python app.py --model $MODEL --engine-args "$ENGINE_ARGS" --log-dir "$logs" \

@@ -1,0 +1,63 @@
+"""The benchmark's own code, run end to end against simulated engines (its numbers mean nothing here)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import free_ports
+
+from kvdemo import bench
+from kvdemo.errors import UserFacingError
+
+BLEND_CASE_KEYS = {"context_tokens", "n_chunks", "plain_cold_ttft_s", "plain_prefix_hit_ttft_s",
+                   "plain_reordered_ttft_s", "blend_cold_ttft_s", "blend_same_order_ttft_s", "blend_reordered_ttft_s",
+                   "blend_decode_tok_s", "plain_decode_tok_s"}
+SHARE_CASE_KEYS = {"context_tokens", "a_cold_ttft_s", "b_after_a_ttft_s", "plain_a_ttft_s", "plain_b_ttft_s",
+                   "lmcache_decode_tok_s", "plain_decode_tok_s", "store_bytes"}
+TOP_KEYS = {"device", "versions", "model", "weights", "command", "cases", "startup_s"}
+
+
+def _run(tmp_path, *flags: str) -> dict:
+    n = 5 if "share" in flags else 3
+    ports = free_ports(n)
+    return bench.run(["--simulate", "--sim-speed", "8", "--repeats", "2", "--decode-tokens", "16",
+                      "--port", str(ports[0]), "--engine-ports", ",".join(map(str, ports[1:])),
+                      "--out", str(tmp_path / "out"), "--log-dir", str(tmp_path / "logs"), *flags])
+
+
+def test_blend_bench_writes_json_and_png_with_the_issue_keys(tmp_path):
+    result = _run(tmp_path, "--contexts", "4000,12000", "--skip-app-question")
+    written = json.loads((tmp_path / "out" / "blend-simulated.json").read_text())
+    assert (tmp_path / "out" / "blend-simulated.png").stat().st_size > 10_000
+    assert written == json.loads(json.dumps(result))
+    assert TOP_KEYS <= set(written) and written["weights"] == "simulated" and written["simulated"] is True
+    assert [c["context_target"] for c in written["cases"]] == [4000, 12000]
+    for case in written["cases"]:
+        assert BLEND_CASE_KEYS <= set(case)
+        assert abs(case["context_tokens"] - case["context_target"]) < 64
+        assert len(case["repeats"]) == 2
+    big = written["cases"][1]
+    # the simulator's model: reordered chunks hit LMCache but not plain vLLM's prefix cache
+    assert big["blend_reordered_ttft_s"] < big["plain_reordered_ttft_s"]
+    assert big["plain_prefix_hit_ttft_s"] < big["plain_cold_ttft_s"]
+
+
+def test_share_bench_measures_b_after_a(tmp_path):
+    written = _run(tmp_path, "--scenario", "share", "--contexts", "8000", "--kv-store-dir", str(tmp_path / "kv"),
+                   "--skip-app-question")
+    assert (tmp_path / "out" / "share-simulated.png").exists()
+    case = written["cases"][0]
+    assert SHARE_CASE_KEYS <= set(case)
+    assert case["b_after_a_ttft_s"] < case["a_cold_ttft_s"]
+    assert all(r["b_cached_tokens"] > 0.9 * r["context_tokens"] for r in case["repeats"])
+
+
+def test_simulated_results_never_go_to_benchmarks_results():
+    with pytest.raises(UserFacingError, match="GPU measurements only"):
+        bench.run(["--simulate"])
+
+
+def test_gpu_slug():
+    assert bench.gpu_slug("NVIDIA H100 80GB HBM3") == "h100"
+    assert bench.gpu_slug("NVIDIA H200") == "h200"
