@@ -104,6 +104,14 @@ def plan_gpus(n_engines: int, gpus: list[int]) -> list[GpuSlot]:
     return slots
 
 
+def sharing_warning(s: Settings) -> str | None:
+    """Public links and 0.0.0.0 expose engines that cost GPU time: warn when no login is required."""
+    if (s.share or s.server_name == "0.0.0.0") and not s.auth:
+        where = "a public Gradio link (--share)" if s.share else f"all interfaces ({s.server_name})"
+        return f"the UI is open to anyone via {where} without a login; add --auth user:password."
+    return None
+
+
 def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"KVDEMO_{name.upper()}", default)
 

@@ -251,8 +251,9 @@ class Watchdog:
         self._send(f"-{pid}")
 
     def _send(self, line: str) -> None:
+        if self.proc.stdin is None or self.proc.stdin.closed:
+            return  # closed by close(): the app is shutting down and stops its engines itself
         try:
-            assert self.proc.stdin is not None
             self.proc.stdin.write(line + "\n")
             self.proc.stdin.flush()
         except (BrokenPipeError, ValueError):

@@ -11,7 +11,7 @@ import signal
 import sys
 import time
 
-from .config import Settings, parse_settings
+from .config import Settings, parse_settings, sharing_warning
 from .errors import EngineError, UserFacingError
 from .preflight import detect_gpus
 from .runtime import DEFAULT_CONTEXT_TOKENS, Runtime
@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "httpx2", "httpcore", "openai"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     signal.signal(signal.SIGTERM, _raise_exit)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C works even if started with SIGINT ignored
     runtime: Runtime | None = None
     try:
         settings = parse_settings(argv)
@@ -36,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
             return dry_run(runtime)
         if settings.simulate:
             print("kvdemo: SIMULATED engines — no GPU is used and every timing shown is SIMULATED.", flush=True)
+        warning = None if settings.no_ui else sharing_warning(settings)
+        if warning:  # before engines start: with vLLM that takes minutes
+            print(f"kvdemo: WARNING: {warning}", flush=True)
         runtime.start()
         if settings.no_ui:
             return headless(runtime, settings.ask or "")
@@ -102,13 +106,10 @@ def headless(runtime: Runtime, question: str) -> int:
 
 
 def serve_ui(runtime: Runtime) -> int:
-    from .ui.app import build_ui, launch_kwargs, sharing_warning  # lazy: gradio is slow to import
+    from .ui.app import build_ui, launch_kwargs  # lazy: gradio is slow to import
     from .ui.share_app import build_share_ui
 
     s: Settings = runtime.settings
-    warning = sharing_warning(s)
-    if warning:
-        print(f"kvdemo: WARNING: {warning}", flush=True)
     demo = build_share_ui(runtime) if s.scenario == "share" else build_ui(runtime)
     runtime.start_precompute()
     demo.queue(default_concurrency_limit=16, max_size=64)

@@ -115,7 +115,11 @@ class Runtime:
                 h.process.start()
         print(f"kvdemo: waiting for {len(self.engines)} engines (logs in {s.log_dir}/)…", flush=True)
         with ThreadPoolExecutor(len(self.engines)) as pool:
-            results = list(pool.map(self._wait_ready, self.engines))
+            try:
+                results = list(pool.map(self._wait_ready, self.engines))
+            except BaseException:  # Ctrl-C / SIGTERM while engines start: leaving this block would first wait
+                self.stop()  # for every engine to become healthy (minutes for vLLM); stopped, the waits end at once
+                raise
         for h, startup in zip(self.engines, results):
             h.startup_s = startup
             print(f"kvdemo: {h.spec.label} ready in {startup:.1f} s at {h.spec.url}", flush=True)

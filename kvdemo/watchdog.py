@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import signal
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 from .engines import kill_tree
 
@@ -21,8 +22,8 @@ def main() -> None:
             pids.add(int(line))
         elif line.startswith("-") and line[1:].isdigit():
             pids.discard(int(line[1:]))
-    for pid in pids:
-        kill_tree(pid, grace_s=5.0)
+    with ThreadPoolExecutor(max(1, len(pids))) as pool:  # all at once: each may take its grace period
+        list(pool.map(lambda pid: kill_tree(pid, grace_s=5.0), pids))
 
 
 if __name__ == "__main__":

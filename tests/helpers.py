@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import TypeVar
+from urllib.parse import urlsplit
 
+import httpx
 import psutil
 
 T = TypeVar("T")
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_ports(n: int = 1) -> list[int]:
@@ -83,3 +91,45 @@ def kill_all(pids: Iterable[int]) -> None:
             psutil.Process(pid).kill()
         except psutil.Error:
             pass
+
+
+# ----- running `python app.py` as a person would (used by the lifecycle, reliability and bad-input tests) ----
+
+def app_env(**extra: str) -> dict[str, str]:
+    """This process's environment without KVDEMO_* / SPACE_ID (they would change the app's flags), offline."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVDEMO_") and k != "SPACE_ID"}
+    env.update(PYTHONUNBUFFERED="1", GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1")
+    env.update(extra)
+    return env
+
+
+def start_app(args: list[str], output: Path, env: dict[str, str] | None = None,
+              stderr: Path | None = None) -> subprocess.Popen:
+    """`python app.py ARGS` in its own session (a test runner's signals do not reach it), stdout and stderr
+    to the file `output` (stderr to its own file if `stderr` is given). SIGINT acts as Ctrl-C even when this
+    process ignores it (e.g. a background job, whose SIG_IGN a child would inherit; handled signals are
+    reset to the default on exec)."""
+    previous = signal.getsignal(signal.SIGINT)
+    if previous == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with open(output, "wb") as out, open(stderr or os.devnull, "wb") as err:
+            return subprocess.Popen([sys.executable, "app.py", *args], cwd=REPO_ROOT, env=env or app_env(),
+                                    stdout=out, stderr=err if stderr else subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def ui_answers(url: str) -> bool:
+    """The UI's HTTP server answers 200 at `url`. Cheap to poll: an HTTP request (~25 ms of CPU for httpx's
+    client) is only made once the port accepts connections, so polling does not slow a starting app."""
+    parts = urlsplit(url)
+    try:
+        socket.create_connection((parts.hostname, parts.port), timeout=1).close()
+    except OSError:
+        return False
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False

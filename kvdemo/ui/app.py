@@ -11,7 +11,7 @@ import random
 import gradio as gr
 
 from ..client import RequestStats
-from ..config import Settings
+from ..config import Settings, sharing_warning  # noqa: F401 - re-exported for callers
 from ..errors import UserFacingError
 from ..runtime import DEFAULT_CONTEXT_TOKENS, Runtime
 from .session import MAX_TEMPERATURE, ChatState, EngineReply, speedup, stream_turn, validate_turn
@@ -24,14 +24,6 @@ CSS = """
 #speedup {font-size: 1.3em}
 .sim-banner {background: #fff3cd; color: #664d03; padding: 6px 12px; border-radius: 6px; font-weight: 600}
 """
-
-
-def sharing_warning(s: Settings) -> str | None:
-    """Public links and 0.0.0.0 expose engines that cost GPU time: warn when no login is required."""
-    if (s.share or s.server_name == "0.0.0.0") and not s.auth:
-        where = "a public Gradio link (--share)" if s.share else f"all interfaces ({s.server_name})"
-        return f"the UI is open to anyone via {where} without a login; add --auth user:password."
-    return None
 
 
 def launch_kwargs(s: Settings) -> dict:
