@@ -339,7 +339,7 @@ def test_login_required_with_auth(locked_app, pages):
     page.locator("input[type=password]").fill(AUTH[1])
     login.click()
     page.locator("#question").wait_for()
-    assert "WARNING" not in locked_app.text()  # 0.0.0.0 with --auth: nothing to warn about
+    assert "kvdemo: WARNING" not in locked_app.text()  # 0.0.0.0 with --auth: nothing to warn about
 
 
 @pytest.mark.browser
