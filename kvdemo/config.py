@@ -191,19 +191,18 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
 
 
 def settings_from_args(a: argparse.Namespace) -> Settings:
-    """Settings from parsed app flags (tools like kvdemo.bench add their own flags to the same parser)."""
-    gpus = _int_list(a.gpus) if isinstance(a.gpus, str) else a.gpus
-    ports = _int_list(a.engine_ports) if isinstance(a.engine_ports, str) else a.engine_ports
-    auth = _auth(a.auth) if isinstance(a.auth, str) else a.auth
-    gmu = float(a.gpu_memory_utilization) if a.gpu_memory_utilization is not None else None
-    kv_gib = float(a.kv_cache_gib) if a.kv_cache_gib is not None else None
+    """Settings from parsed app flags (tools like kvdemo.bench add their own flags to the same parser).
+
+    argparse already ran each flag's `type` on env-string defaults, so values arrive typed.
+    """
     server_name = a.server_name or ("0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1")
     port = 7860 if os.environ.get("SPACE_ID") and a.port == Settings.port else a.port
     s = Settings(
-        scenario=a.scenario, model=a.model, simulate=a.simulate, gpus=gpus, port=port, engine_ports=ports,
-        max_model_len=a.max_model_len, gpu_memory_utilization=gmu, kv_cache_gib=kv_gib,
+        scenario=a.scenario, model=a.model, simulate=a.simulate, gpus=a.gpus, port=port,
+        engine_ports=a.engine_ports, max_model_len=a.max_model_len,
+        gpu_memory_utilization=a.gpu_memory_utilization, kv_cache_gib=a.kv_cache_gib,
         data_dir=a.data_dir, lmcache_config=Path(a.lmcache_config) if a.lmcache_config else None,
-        share=a.share, server_name=server_name, auth=auth,
+        share=a.share, server_name=server_name, auth=a.auth,
         attach=[u.strip().rstrip("/") for u in a.attach.split(",") if u.strip()] if a.attach else None,
         dry_run=a.dry_run, log_dir=a.log_dir, engine_args=shlex.split(a.engine_args or ""),
         fairness=a.fairness, health_timeout_s=a.health_timeout, no_ui=a.no_ui, ask=a.ask,

@@ -60,9 +60,13 @@ class EngineSpec:
         return self.url_override or f"http://127.0.0.1:{self.port}"
 
     @property
+    def effective_kv_cache_gib(self) -> float | None:
+        return self.kv_cache_gib if self.kv_cache_gib is not None else default_kv_cache_gib(self.slot)
+
+    @property
     def effective_max_model_len(self) -> int:
         """vLLM refuses to start if one max-length request does not fit its KV cache (128 KiB/token, 7B)."""
-        kv_gib = self.kv_cache_gib if self.kv_cache_gib is not None else default_kv_cache_gib(self.slot)
+        kv_gib = self.effective_kv_cache_gib
         if kv_gib is None or self.simulate:
             return self.max_model_len
         return min(self.max_model_len, int(kv_gib * 2**30 / (128 * 1024)) // 1024 * 1024 - 1024)
@@ -83,7 +87,7 @@ class EngineSpec:
                "--host", "127.0.0.1", "--port", str(self.port), "--max-model-len", str(self.effective_max_model_len)]
         fraction = self.gpu_memory_utilization or self.slot.memory_fraction
         cmd += ["--gpu-memory-utilization", f"{fraction:.2f}"]
-        kv_gib = self.kv_cache_gib if self.kv_cache_gib is not None else default_kv_cache_gib(self.slot)
+        kv_gib = self.effective_kv_cache_gib
         if kv_gib:
             # Skips vLLM's memory profiling, so engines sharing one GPU can start at the same time.
             cmd += ["--kv-cache-memory-bytes", str(int(kv_gib * 2**30))]
