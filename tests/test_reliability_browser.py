@@ -16,7 +16,6 @@ Each app's teardown stops it with Ctrl-C (SIGINT) and checks that none of its pr
 from __future__ import annotations
 
 import re
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -27,8 +26,8 @@ import httpx
 import psutil
 import pytest
 from conftest import REPO_ROOT
-from helpers import alive, describe, free_ports, kill_all, port_is_free, start_app, ui_answers, wait_until
-from test_browser import CHROMIUM, CHROMIUM_ARGS, pick
+from helpers import describe, free_ports, kill_all, start_app, ui_answers, wait_until
+from test_browser import CHROMIUM, CHROMIUM_ARGS, _interrupt_and_check, pick
 
 from kvdemo.simulate import _answer_words
 
@@ -45,9 +44,12 @@ class App:
     output: Path
     log_dir: Path
     pids: set[int] = field(default_factory=set)  # the app and every process under it, ever seen
+    stderr: Path | None = None  # when the app's stderr goes to its own file
 
     def text(self) -> str:
-        return self.output.read_text(errors="replace")
+        """stdout, then stderr when it was kept apart."""
+        err = self.stderr.read_text(errors="replace") if self.stderr and self.stderr.exists() else ""
+        return self.output.read_text(errors="replace") + err
 
     def tree(self) -> list[psutil.Process]:
         try:
@@ -72,7 +74,7 @@ def launch(tmp: Path, *flags: str, stderr: Path | None = None) -> App:
     output = tmp / "app.out"
     proc = start_app(["--port", str(ui_port), "--engine-ports", f"{lm_port},{plain_port}", "--log-dir",
                       str(tmp / "logs"), *flags], output, stderr=stderr)
-    app = App(proc, f"http://127.0.0.1:{ui_port}/", ports, output, tmp / "logs")
+    app = App(proc, f"http://127.0.0.1:{ui_port}/", ports, output, tmp / "logs", stderr=stderr)
     try:
         wait_until(lambda: proc.poll() is not None or ui_answers(app.url), 120, "the UI to answer")
         assert proc.poll() is None, f"app exited with {proc.returncode}:\n{app.text()[-3000:]}"
@@ -86,20 +88,9 @@ def launch(tmp: Path, *flags: str, stderr: Path | None = None) -> App:
 
 
 def stop(app: App) -> None:
-    """Ctrl-C; then nothing of the app may be left and its ports must be free."""
+    """Ctrl-C; then nothing of the app may be left and its ports must be free (test_browser's check)."""
     app.pids |= {p.pid for p in app.tree()}  # engines restarted by a test are new processes
-    app.proc.send_signal(signal.SIGINT)
-    try:
-        code = app.proc.wait(timeout=60)
-        wait_until(lambda: not alive(app.pids), 30, "every process of the app to exit")
-        wait_until(lambda: all(port_is_free(p) for p in app.ports), 30, "the UI and engine ports to be free")
-    except (AssertionError, subprocess.TimeoutExpired) as exc:
-        left = alive(app.pids)
-        kill_all(left)
-        app.proc.wait(timeout=10)
-        pytest.fail(f"after SIGINT: {exc}; left running: {describe(left)}\n{app.text()[-3000:]}")
-    assert code == 130, f"exit code {code} after SIGINT\n{app.text()[-3000:]}"
-    assert "Traceback" not in app.text(), app.text()[-3000:]
+    _interrupt_and_check(app)
 
 
 @pytest.fixture(scope="module")
@@ -376,7 +367,7 @@ def test_context_over_max_model_len_is_refused_with_the_count(locked_app, pages,
 def test_all_interfaces_without_auth_prints_a_warning(tmp_path):
     a = launch(tmp_path, "--simulate", "--sim-speed", "20", "--server-name", "0.0.0.0", stderr=tmp_path / "err")
     try:
-        warnings = [ln for ln in a.text().splitlines() if "WARNING" in ln]  # stdout only
+        warnings = [ln for ln in a.output.read_text(errors="replace").splitlines() if "WARNING" in ln]  # stdout
         assert any(ln.startswith("kvdemo: WARNING") and "--auth" in ln and "0.0.0.0" in ln for ln in warnings), \
             a.text()[-3000:]
     finally:
