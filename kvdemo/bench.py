@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import re
 import shlex
 import signal
@@ -308,8 +309,11 @@ def run(argv: list[str] | None = None) -> dict:
                            for h in runtime.engines],
             "lmcache_config": runtime.settings.lmcache_config_path.read_text(),
             "startup_s": {h.spec.key: h.startup_s for h in runtime.engines},
-            "precompute_library_s": runtime.progress.seconds,
-            "precompute_library_requests": runtime.progress.total,
+            "precompute_library_s": runtime.progress.seconds - runtime.progress.warm_up_s,
+            "precompute_library_requests": runtime.progress.total - runtime.progress.warm_ups,
+            "warm_up_s": runtime.progress.warm_up_s,  # one request per engine after precompute (runtime.py)
+            # KVDEMO_PROFILE=1 adds CUDA syncs around each phase: such a run's timings are a profile, not results
+            "kvdemo_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("KVDEMO_")},
             "decode_tokens": a.decode_tokens,
             "requests": "one at a time; " + ("LMCache engines store every request (A stores, B loads)"
                                              if share_scenario else "blended questions sent with lmcache.skip_save"),

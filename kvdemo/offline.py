@@ -905,7 +905,7 @@ def result_record(plan: Plan, args: argparse.Namespace, measured: dict[str, Any]
     dummy = plan.kwargs.get("load_format") == "dummy"
     record: dict[str, Any] = {
         "tool": PROG, "model": plan.model, "weights": "dummy" if dummy else "real",
-        "gpu": plan.gpus[0].name if plan.gpus else None,
+        "device": plan.gpus[0].name if plan.gpus else None,  # the key benchmarks/results/*.json share
         "versions": {name: package_version(name) for name in ("vllm", "lmcache", "torch", "transformers")},
         "lmcache_config_file": str(plan.config_path), "lmcache_config": plan.lmcache_config,
         "engine_kwargs": plan.kwargs, "chunks": [str(p) for p in args.chunks], "question": plan.question,

@@ -3,20 +3,27 @@
 # Prerequisites there (../shared/GPU.md): wheels in /tmp/wstore; .gpu/install_on_device.sh and
 # .gpu/mistral7b-dummy (made with scripts/make_dummy_model.py) carried with the working tree.
 # Usage: bash scripts/gpu_run.sh STEP...   STEP = bench | profile | app | share | offline   (artefacts to $OUT)
+# Env overrides: ENGINE_ARGS, BENCH_ARGS (extra flags of the bench step,
+# e.g. "--name blend-r005 --lmcache-config .gpu/r005.yaml --contexts 16000,24000"), SHARE_ARGS, APP_ARGS.
+# Result JSONs come back as files; logs and text output are packed into $OUT/logs-<steps>.tar.gz.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+started=$(mktemp); TXT=$(mktemp -d)
 if [[ ! -f /tmp/site/kvdemo_done ]]; then
-  bash .gpu/install_on_device.sh "$PWD" > "$OUT/install.txt" 2>&1 || { cat "$OUT/install.txt"; exit 1; }
+  bash .gpu/install_on_device.sh "$PWD" > "$TXT/install.txt" 2>&1 || { cat "$TXT/install.txt"; exit 1; }
   touch /tmp/site/kvdemo_done
 fi
 export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 MODEL=.gpu/mistral7b-dummy
-ENGINE_ARGS="--load-format dummy --enforce-eager"
+# bench/profile/app: CUDA graphs, as users run vLLM; share/offline were measured with --enforce-eager
+# (four engines on one GPU start faster without graph capture). ENGINE_ARGS overrides both.
+GRAPH_ARGS=${ENGINE_ARGS-"--load-format dummy"}
+EAGER_ARGS=${ENGINE_ARGS-"--load-format dummy --enforce-eager"}
 QUESTION="Which section explains how names are bound, and what does it say?"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 keep_logs() {  # $1 step, $2 log dir, $3 engines to keep
   for key in $3; do
-    [[ -f $2/$key.log ]] && grep -v "Double unpin" "$2/$key.log" | tail -c 4000000 > "$OUT/$1-$key.log"
+    [[ -f $2/$key.log ]] && grep -v "Double unpin" "$2/$key.log" | tail -c 4000000 > "$TXT/$1-$key.log"
   done
 }
 rc=0
@@ -24,30 +31,29 @@ for step in "$@"; do
   logs=/tmp/kvlogs-$step; rm -rf "$logs"
   case $step in
     bench)
-      timeout ${BENCH_TIMEOUT:-400} python -m kvdemo.bench --model $MODEL --engine-args "$ENGINE_ARGS" \
+      timeout ${BENCH_TIMEOUT:-400} python -m kvdemo.bench --model $MODEL --engine-args "$GRAPH_ARGS" \
         --log-dir "$logs" --contexts 4000,8000,16000,24000 --repeats 3 --decode-tokens 256 \
-        --ask "$QUESTION" 2>&1 | tee "$OUT/bench.txt" | grep -v " INFO "
+        --ask "$QUESTION" ${BENCH_ARGS:-} 2>&1 | tee "$TXT/bench.txt" | grep -v " INFO "
       rc=$((rc | PIPESTATUS[0]))
-      cp benchmarks/results/blend-*.json "$OUT/" 2>/dev/null
       keep_logs bench "$logs" "lmcache plain" ;;
     share)
       timeout ${SHARE_TIMEOUT:-400} python -m kvdemo.bench --scenario share --model $MODEL \
-        --engine-args "$ENGINE_ARGS" --log-dir "$logs" --kv-store-dir /tmp/kvdemo-kv-store --clear-kv-store \
-        --contexts 8000,16000 --repeats 3 --decode-tokens 256 --skip-app-question 2>&1 \
-        | tee "$OUT/share.txt" | grep -v " INFO "
+        --engine-args "$EAGER_ARGS" --log-dir "$logs" --kv-store-dir /tmp/kvdemo-kv-store --clear-kv-store \
+        --contexts 8000,16000 --repeats 3 --decode-tokens 256 --skip-app-question ${SHARE_ARGS:-} 2>&1 \
+        | tee "$TXT/share.txt" | grep -v " INFO "
       rc=$((rc | PIPESTATUS[0]))
-      cp benchmarks/results/share-*.json "$OUT/" 2>/dev/null
       keep_logs share "$logs" "lmcache_b" ;;
     offline)
-      timeout ${OFFLINE_TIMEOUT:-300} python -m kvdemo.offline --model $MODEL --engine-args "$ENGINE_ARGS" \
+      timeout ${OFFLINE_TIMEOUT:-300} python -m kvdemo.offline --model $MODEL --engine-args "$EAGER_ARGS" \
         --chunks data/chunks/0[1-6]-*.txt --question "$QUESTION" --repeats 3 --max-tokens 64 --json \
-        --output "$OUT/offline-h100.json" > "$OUT/offline-stdout.json" 2> "$OUT/offline-stderr.txt"
+        --output "$OUT/offline-h100.json" > "$TXT/offline-stdout.json" 2> "$TXT/offline-stderr.txt"
       rc=$((rc | $?))
-      grep -E "Registering vllm model|Creating blender|LMCache hit tokens|Traceback" "$OUT/offline-stderr.txt" | head ;;
+      cat "$TXT/offline-stdout.json"
+      grep -E "Registering vllm model|Creating blender|LMCache hit tokens|Traceback" "$TXT/offline-stderr.txt" | head ;;
     app|profile)
       if [[ $step == profile ]]; then export KVDEMO_PROFILE=1; fi
-      timeout ${APP_TIMEOUT:-170} python app.py --model $MODEL --engine-args "$ENGINE_ARGS" --log-dir "$logs" \
-        --no-ui --ask "$QUESTION" 2>&1 | tee "$OUT/$step.txt" | grep -v " INFO "
+      timeout ${APP_TIMEOUT:-170} python app.py --model $MODEL --engine-args "$GRAPH_ARGS" --log-dir "$logs" \
+        --no-ui --ask "$QUESTION" ${APP_ARGS:-} 2>&1 | tee "$TXT/$step.txt" | grep -v " INFO "
       rc=$((rc | PIPESTATUS[0]))
       unset KVDEMO_PROFILE
       keep_logs "$step" "$logs" "lmcache" ;;
@@ -55,4 +61,7 @@ for step in "$@"; do
   if ps -eo cmd | grep -E "vllm|kvdemo" | grep -v grep; then echo "^ processes left after $step"
   else echo "no engine processes left after $step"; fi
 done
+# New result files come back one by one; everything else in one archive.
+find benchmarks/results -newer "$started" -type f -name '*.json' -exec cp {} "$OUT/" \;
+tar czf "$OUT/logs-$(IFS=-; echo "$*").tar.gz" -C "$TXT" .
 exit "$rc"

@@ -603,7 +603,7 @@ def test_cli_run_with_fake_vllm(capfd, fake_vllm, model_dir, gpu, clean_env, tmp
     assert record["speedup"] == pytest.approx(record["baseline_ttft_s"] / record["blended_ttft_s"])
     assert record["prompt_tokens"] == expected.breakdown()
     assert record["precompute"]["requests"] == 3 and record["weights"] == "dummy"
-    assert record["gpu"] == FAKE_GPU.name and record["answer"].startswith("fake answer")
+    assert record["device"] == FAKE_GPU.name and record["answer"].startswith("fake answer")
     assert "noise" in record["note"]
 
 
@@ -686,7 +686,7 @@ def test_result_record_fields_are_json(fake_vllm, model_dir, gpu, clean_env, cap
                           "--repeats", "1", "--json")
     assert rc == 0
     record = json.loads(out)
-    for key in ("model", "weights", "gpu", "versions", "lmcache_config", "engine_kwargs", "prompt_tokens",
+    for key in ("model", "weights", "device", "versions", "lmcache_config", "engine_kwargs", "prompt_tokens",
                 "baseline_ttft_s", "blended_ttft_s", "speedup", "ttft_source", "answer", "precompute",
                 "warm_up_s", "startup_s", "engine_max_model_len"):
         assert key in record, key

@@ -243,12 +243,13 @@ def test_engine_killed_mid_answer_then_restarted(app, pages, builder):
     wait_for_answers(page, 2, 1)
 
     # Restart 🚀: its chunks are precomputed again before the notice says it is back.
-    precomputes = len(re.findall(r"precompute (\d+)/\1 ", app.text()))
+    finished_run = r"(?:precompute|warm-up) (\d+)/\1 "  # the last line of a whole precompute run
+    precomputes = len(re.findall(finished_run, app.text()))
     old_lmcache = app.engine(lm_port).pid
     page.locator("#restart-lmcache").click()
     page.locator("#notice").get_by_text("precomputed again").wait_for(timeout=60_000)
     assert app.engine(lm_port).pid != old_lmcache
-    assert len(re.findall(r"precompute (\d+)/\1 ", app.text())) == precomputes + 1, app.text()[-2000:]
+    assert len(re.findall(finished_run, app.text())) == precomputes + 1, app.text()[-2000:]
     wait_healthy(page)
     n = len(builder.library.chunks) + 1  # the system prompt and every chunk
     page.locator("#status").get_by_text(f"precomputed {n} segments").wait_for(timeout=15_000)  # refreshed every 2 s
