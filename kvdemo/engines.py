@@ -54,6 +54,7 @@ class EngineSpec:
     sim_speed: float = 1.0
     url_override: str | None = None  # --attach: someone else runs it
     sim_store_dir: Path | None = None  # simulated LMCache engines: share stored KV through this directory
+    sim_store_url: str | None = None  # ... or through this Redis server
 
     @property
     def url(self) -> str:
@@ -80,6 +81,8 @@ class EngineSpec:
                 cmd += ["--lmcache-config", str(self.lmcache_config)]
             if self.sim_store_dir:
                 cmd += ["--store-dir", str(self.sim_store_dir)]
+            if self.sim_store_url:
+                cmd += ["--store-url", self.sim_store_url]
             return cmd
         # `python -m vllm.entrypoints.cli.main` is what the `vllm` console script runs; it works even
         # when the script is not on PATH (e.g. a --target install).

@@ -1,6 +1,11 @@
 """The KV store that LMCache engines share in the `share` scenario: a directory (LMCache's fs connector) or a
 Redis server. Creates, checks and clears it, and writes the LMCache config that points at it.
 
+In Redis, LMCache's connector stores each KV chunk as two keys, `<CacheEngineKey>metadata` and
+`<CacheEngineKey>kv_bytes`, where the key string is `model@world_size@worker_id@chunk_hash@dtype[@tags]`
+(lmcache 0.5.3, `utils.CacheEngineKey.to_string`). Sizing and clearing touch those keys only, never the
+rest of a Redis database someone may share.
+
 LMCache's `local_disk` backend does not share between processes (each engine only knows what it wrote);
 its fs remote connector does, with a URL that needs a host and port it then ignores: fs://localhost:1/DIR/.
 """
@@ -17,6 +22,9 @@ import yaml
 from .errors import UserFacingError
 
 MIN_FREE_GIB = 4.0  # ~2 GiB of KV per 16K tokens of Mistral-7B, stored once per prompt
+REDIS_SCHEMES = ("redis://", "rediss://")
+LMCACHE_KEY_GLOB = "*@*@*@*@*"  # model@world_size@worker_id@chunk_hash@dtype...
+LMCACHE_KEY_SUFFIXES = (b"metadata", b"kv_bytes")
 
 
 @dataclass
@@ -27,7 +35,7 @@ class KvStore:
     @classmethod
     def from_settings(cls, store_dir: Path, store_url: str | None) -> KvStore:
         if store_url:
-            if not store_url.startswith(("redis://", "rediss://", "lm://")):
+            if not store_url.startswith((*REDIS_SCHEMES, "lm://")):
                 raise UserFacingError(f"--kv-store {store_url!r}: use redis://host:port (or leave it out for "
                                       "the shared directory --kv-store-dir).")
             return cls(None, store_url)
@@ -37,8 +45,15 @@ class KvStore:
     def remote_url(self) -> str:
         return self.url or f"fs://localhost:1{self.directory}/"
 
+    @property
+    def redis_url(self) -> str | None:
+        return self.url if self.url and self.url.startswith(REDIS_SCHEMES) else None
+
     def prepare(self, min_free_gib: float = MIN_FREE_GIB) -> None:
-        """Create the directory, check it is writable and has room; clear messages otherwise."""
+        """Create the directory, check it is writable and has room (or that Redis answers); clear messages."""
+        if self.redis_url:
+            self._redis_call(lambda r: r.ping())
+            return
         if self.directory is None:
             return
         try:
@@ -54,15 +69,34 @@ class KvStore:
                                   "free space, run with --clear-kv-store, or choose another --kv-store-dir.")
 
     def size_bytes(self) -> int:
-        """Bytes on disk (allocated blocks, so sparse files count as what they really take)."""
+        """Bytes on disk (allocated blocks, so sparse files count as what they really take), or in Redis the
+        length of LMCache's kv_bytes values."""
+        if self.redis_url:
+            def kv_bytes(r) -> int:
+                keys = [k for k in self._lmcache_keys(r) if k.endswith(b"kv_bytes")]
+                pipe = r.pipeline(transaction=False)
+                for k in keys:
+                    pipe.strlen(k)
+                return sum(pipe.execute()) if keys else 0
+            return self._redis_call(kv_bytes)
         if self.directory is None or not self.directory.is_dir():
             return 0
         return sum(p.stat().st_blocks * 512 for p in self.directory.rglob("*") if p.is_file())
 
     def clear(self) -> int:
-        """Delete every stored entry; returns the bytes freed. The directory itself stays."""
+        """Delete every stored entry; returns the bytes freed. The directory itself stays; in Redis only
+        LMCache's keys go."""
+        if self.redis_url:
+            freed = self.size_bytes()
+
+            def delete(r) -> None:
+                keys = list(self._lmcache_keys(r))
+                for i in range(0, len(keys), 1000):
+                    r.delete(*keys[i:i + 1000])
+            self._redis_call(delete)
+            return freed
         if self.directory is None:
-            raise UserFacingError("Clearing a Redis store is not done by kvdemo: use redis-cli FLUSHDB on it.")
+            raise UserFacingError(f"kvdemo cannot clear {self.url}: clear it where that server runs.")
         freed = self.size_bytes()
         if self.directory.is_dir():
             for p in self.directory.iterdir():
@@ -71,6 +105,24 @@ class KvStore:
                 else:
                     p.unlink()
         return freed
+
+    @staticmethod
+    def _lmcache_keys(r) -> list[bytes]:
+        return [k for k in r.scan_iter(match=LMCACHE_KEY_GLOB, count=1000) if k.endswith(LMCACHE_KEY_SUFFIXES)]
+
+    def _redis_call(self, fn):
+        """Run fn(client) against the Redis store; any Redis failure becomes one line saying what to do."""
+        import redis  # lazy: only the Redis store needs it
+
+        client = redis.Redis.from_url(self.redis_url, socket_timeout=5, socket_connect_timeout=3)
+        try:
+            return fn(client)
+        except redis.exceptions.RedisError as exc:
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise UserFacingError(f"The Redis KV store {self.redis_url} failed ({why}): check that redis-server "
+                                  "runs there and the URL (--kv-store redis://[:password@]host:port[/db]).") from exc
+        finally:
+            client.close()
 
     def write_lmcache_config(self, template: Path, out_dir: Path) -> Path:
         """A copy of the share template with remote_url pointing at this store."""

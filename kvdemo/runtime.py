@@ -88,7 +88,7 @@ class Runtime:
         if s.scenario != "share":
             return blend.engine_specs(s, gpus)
         config = self.kv_store.write_lmcache_config(s.lmcache_config_path, s.log_dir)
-        return share.engine_specs(s, gpus, config, self.kv_store.directory)
+        return share.engine_specs(s, gpus, config, self.kv_store.directory, self.kv_store.redis_url)
 
     def start(self) -> None:
         """Preflight, start engines in parallel, wait for health (fail fast), load the tokenizer."""

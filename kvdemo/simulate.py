@@ -51,17 +51,46 @@ class CostModel:
 
 @dataclass
 class SegmentStore:
-    """Which KV segments are stored: in memory, or as files in a directory shared between engines."""
+    """Which KV segments are stored: in memory, or shared between engines through a directory or Redis.
+
+    In Redis the entries take LMCache's own key form (`model@world@worker@hash@dtype` + "metadata" /
+    "kv_bytes", as its Redis connector writes them), so kvdemo's KvStore sizes and clears them the same way;
+    the simulated "kv_bytes" hold one byte per token, not the real KV size.
+    """
 
     directory: Path | None = None
+    redis_url: str | None = None
+    model: str = "simulated"
     known: set[str] = field(default_factory=set)
 
+    def __post_init__(self) -> None:
+        self._redis = None
+        if self.redis_url:
+            import redis  # lazy: only a simulated engine on a Redis store needs it
+
+            self._redis = redis.Redis.from_url(self.redis_url, socket_timeout=5, socket_connect_timeout=3)
+
+    @property
+    def shared(self) -> bool:
+        return self.directory is not None or self._redis is not None
+
+    def _redis_key(self, key: str) -> str:
+        return f"{self.model}@1@0@{key}@simulated"
+
     def __contains__(self, key: str) -> bool:
-        return key in self.known or (self.directory is not None and (self.directory / key).exists())
+        if key in self.known:
+            return True
+        if self._redis is not None:
+            return bool(self._redis.exists(self._redis_key(key) + "metadata"))
+        return self.directory is not None and (self.directory / key).exists()
 
     def add(self, key: str, n_tokens: int) -> None:
         self.known.add(key)
-        if self.directory is not None:
+        if self._redis is not None:
+            base = self._redis_key(key)
+            self._redis.set(base + "kv_bytes", b"\0" * n_tokens)
+            self._redis.set(base + "metadata", str(n_tokens))
+        elif self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
             # Size as real KV would take (128 KiB per token for Mistral-7B), kept sparse on disk.
             path = self.directory / key
@@ -159,7 +188,7 @@ class SimulatedEngine:
             for h in hashes:
                 if h not in self.store:
                     self.store.add(h, self.chunk_size)
-        per_token = c.shared_load_s_per_token if self.store.directory is not None else c.load_s_per_token
+        per_token = c.shared_load_s_per_token if self.store.shared else c.load_s_per_token
         log.info("LMCache hit tokens: %d, need to load: %d (SIMULATED)", reused, reused)
         return c.base_s + (len(ids) - reused) * c.prefill_s_per_token + reused * per_token, reused
 
@@ -270,12 +299,14 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=32768)
     ap.add_argument("--lmcache-config", type=Path)
     ap.add_argument("--store-dir", type=Path, help="share stored segments with other engines through here")
+    ap.add_argument("--store-url", help="redis://host:port: share stored segments through this Redis server")
     ap.add_argument("--speed", type=float, default=1.0, help="divide every simulated delay by this")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     tokenizer_source = str(SIM_TOKENIZER_DIR) if a.model == DEFAULT_MODEL else a.model
     lmc = lmcache_settings(tokenizer_source, a.lmcache_config)
-    engine = SimulatedEngine(a.mode, lmc["sep_ids"], CostModel(speed=a.speed), SegmentStore(a.store_dir),
+    engine = SimulatedEngine(a.mode, lmc["sep_ids"], CostModel(speed=a.speed),
+                             SegmentStore(a.store_dir, a.store_url, a.model),
                              a.max_model_len, blending=lmc["blending"], chunk_size=lmc["chunk_size"])
     log.info("SIMULATED %s engine for %s on port %d", a.mode, a.model, a.port)
     import uvicorn

@@ -2,7 +2,9 @@
 # The exact commands run on the lent GPU machine (one H100) for the committed results.
 # Prerequisites there (../shared/GPU.md): wheels in /tmp/wstore; .gpu/install_on_device.sh and
 # .gpu/mistral7b-dummy (made with scripts/make_dummy_model.py) carried with the working tree.
-# Usage: bash scripts/gpu_run.sh STEP...   STEP = bench | profile | app | share | offline   (artefacts to $OUT)
+# Usage: bash scripts/gpu_run.sh STEP...   STEP = bench | profile | app | share | share-redis | offline
+# (artefacts to $OUT). share-redis also needs Debian's redis-server .debs in .gpu/redis/ (apt-get download
+# redis-server redis-tools libjemalloc2 liblzf1): they are unpacked under /tmp/redis-root, not into /.
 # Env overrides: ENGINE_ARGS, BENCH_ARGS (extra flags of the bench step,
 # e.g. "--name blend-r005 --lmcache-config .gpu/r005.yaml --contexts 16000,24000"), SHARE_ARGS, APP_ARGS.
 # Result JSONs come back as files; logs and text output are packed into $OUT/logs-<steps>.tar.gz.
@@ -43,6 +45,17 @@ for step in "$@"; do
         | tee "$TXT/share.txt" | grep -v " INFO "
       rc=$((rc | PIPESTATUS[0]))
       keep_logs share "$logs" "lmcache_b" ;;
+    share-redis)
+      for deb in .gpu/redis/*.deb; do dpkg -x "$deb" /tmp/redis-root; done
+      LD_LIBRARY_PATH=/tmp/redis-root/usr/lib/x86_64-linux-gnu /tmp/redis-root/usr/bin/redis-server \
+        --port 6390 --bind 127.0.0.1 --save "" --appendonly no --daemonize yes --dir /tmp
+      timeout ${SHARE_TIMEOUT:-400} python -m kvdemo.bench --scenario share --model $MODEL \
+        --engine-args "$EAGER_ARGS" --log-dir "$logs" --kv-store redis://127.0.0.1:6390 --name share-redis \
+        --contexts 8000,16000 --repeats 3 --decode-tokens 256 --skip-app-question ${SHARE_ARGS:-} 2>&1 \
+        | tee "$TXT/share-redis.txt" | grep -v " INFO "
+      rc=$((rc | PIPESTATUS[0]))
+      LD_LIBRARY_PATH=/tmp/redis-root/usr/lib/x86_64-linux-gnu /tmp/redis-root/usr/bin/redis-cli -p 6390 shutdown nosave
+      keep_logs share-redis "$logs" "lmcache_b" ;;
     offline)
       timeout ${OFFLINE_TIMEOUT:-300} python -m kvdemo.offline --model $MODEL --engine-args "$EAGER_ARGS" \
         --chunks data/chunks/0[1-6]-*.txt --question "$QUESTION" --repeats 3 --max-tokens 64 --json \

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from conftest import make_runtime
+
 from kvdemo.runtime import DEFAULT_CONTEXT_TOKENS, EngineHandle
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections import namedtuple
+from pathlib import Path
 
 import pytest
 import yaml
@@ -118,16 +120,19 @@ def test_dry_run_prints_the_four_engine_plan(tmp_path):
 # ----- end to end, simulated ------------------------------------------------------------------------------
 
 
-def test_b_loads_what_a_stored_plain_engines_do_not_share(tmp_path):
+@pytest.mark.parametrize("store", ["directory", "redis"])
+def test_b_loads_what_a_stored_plain_engines_do_not_share(tmp_path, request, store):
     ports = free_ports(5)
+    store_flags = (["--kv-store", request.getfixturevalue("redis_url")] if store == "redis"
+                   else ["--kv-store-dir", str(tmp_path / "kv")])
     settings = parse_settings(["--scenario", "share", "--simulate", "--sim-speed", "4", "--port", str(ports[0]),
                                "--engine-ports", ",".join(map(str, ports[1:])), "--log-dir", str(tmp_path / "logs"),
-                               "--kv-store-dir", str(tmp_path / "kv")])
+                               *store_flags])
     runtime = Runtime(settings)
     try:
         runtime.start()
         assert runtime.run_precompute().line().startswith("preheated with 4 requests")
-        assert not any((tmp_path / "kv").iterdir())  # preheat stores nothing of the document
+        assert not _holds_entries(runtime.kv_store)  # preheat stores nothing of the document
         builder = runtime.builder
         ids = builder.build(builder.default_selection(16_000, runtime.max_model_len - 512), "Who binds names?")
         handles = {h.spec.key: h for h in runtime.engines}
@@ -141,12 +146,82 @@ def test_b_loads_what_a_stored_plain_engines_do_not_share(tmp_path):
                 await client.close()
 
         a, b, pa, pb = (asyncio.run(ttft(k)) for k in ("lmcache_a", "lmcache_b", "plain_a", "plain_b"))
-        assert any((tmp_path / "kv").iterdir())  # A wrote to the shared directory
+        assert _holds_entries(runtime.kv_store)  # A wrote to the shared store
         assert b.cached_tokens and b.cached_tokens > 0.9 * len(ids)
         assert b.ttft_s < 0.8 * a.ttft_s, (a, b)
         assert not pb.cached_tokens and pb.ttft_s > 0.8 * pa.ttft_s, (pa, pb)
+        runtime.kv_store.clear()
+        assert not _holds_entries(runtime.kv_store)
     finally:
         runtime.stop()
+
+
+def _holds_entries(store: KvStore) -> bool:
+    """Any stored KV? (The simulator's files are sparse, so a directory's size on disk says nothing.)"""
+    if store.redis_url:
+        return store.size_bytes() > 0
+    return store.directory.is_dir() and any(store.directory.iterdir())
+
+
+# ----- the Redis store, against a real redis-server -----------------------------------------------------
+
+
+@pytest.fixture
+def redis_url(tmp_path):
+    """A real Redis server (Debian's redis-server; .ci/run installs it) on a free port, no persistence."""
+    if not shutil.which("redis-server"):
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    port = free_ports(1)[0]
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        wait_until(lambda: _pings(url), 10, "redis-server to answer")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _pings(url: str) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
+    except redis.exceptions.ConnectionError:
+        return False
+
+
+def test_redis_store_sizes_and_clears_lmcache_keys_only(redis_url):
+    import redis
+
+    store = KvStore.from_settings(Path("/unused"), redis_url)
+    store.prepare()
+    r = redis.Redis.from_url(redis_url)
+    key = "mistralai/Mistral-7B-Instruct-v0.2@1@0@5f3a@bfloat16"  # LMCache's CacheEngineKey.to_string()
+    r.set(key + "kv_bytes", b"x" * 1000)
+    r.set(key + "metadata", b"m" * 40)
+    r.set("someone-else:data", b"y" * 5000)  # a shared Redis may hold other data
+    assert store.size_bytes() == 1000
+    assert store.clear() == 1000
+    assert r.exists(key + "kv_bytes", key + "metadata") == 0
+    assert r.get("someone-else:data") == b"y" * 5000
+
+
+def test_unreachable_redis_is_one_clear_line_before_any_engine_starts(tmp_path):
+    dead = f"redis://127.0.0.1:{free_ports(1)[0]}"
+    with pytest.raises(UserFacingError, match="check that redis-server runs there"):
+        KvStore.from_settings(tmp_path, dead).prepare()
+    ports = free_ports(5)
+    r = subprocess.run([sys.executable, "app.py", "--scenario", "share", "--simulate", "--kv-store", dead,
+                        "--port", str(ports[0]), "--engine-ports", ",".join(map(str, ports[1:])),
+                        "--log-dir", str(tmp_path / "logs")],
+                       cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"The Redis KV store {dead} failed" in r.stderr + r.stdout
+    assert "Traceback" not in r.stderr + r.stdout
+    assert "waiting for 4 engines" not in r.stdout
 
 
 # ----- in the browser -------------------------------------------------------------------------------------

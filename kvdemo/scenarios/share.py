@@ -16,7 +16,8 @@ ENGINES = (  # key, label, lmcache
 )
 
 
-def engine_specs(settings: Settings, gpus: list[int], lmcache_config: Path, store_dir: Path | None) -> list[EngineSpec]:
+def engine_specs(settings: Settings, gpus: list[int], lmcache_config: Path, store_dir: Path | None,
+                 store_url: str | None = None) -> list[EngineSpec]:
     """Four engines spread over the GPUs (4 GPUs: one each; fewer: several per GPU, memory split)."""
     slots = plan_gpus(len(ENGINES), [] if settings.simulate else gpus)
     attach = settings.attach or []
@@ -27,6 +28,7 @@ def engine_specs(settings: Settings, gpus: list[int], lmcache_config: Path, stor
             max_model_len=settings.max_model_len, simulate=settings.simulate,
             lmcache_config=lmcache_config if lmcache else None, extra_args=list(settings.engine_args),
             sim_store_dir=store_dir if (settings.simulate and lmcache) else None,  # stand-in for the fs connector
+            sim_store_url=store_url if (settings.simulate and lmcache) else None,  # ... for LMCache's Redis one
             gpu_memory_utilization=settings.gpu_memory_utilization, kv_cache_gib=settings.kv_cache_gib,
             local_model=settings.is_local_model, sim_speed=settings.sim_speed,
             url_override=attach[i] if i < len(attach) else None))
