@@ -72,13 +72,7 @@ class KvStore:
         """Bytes on disk (allocated blocks, so sparse files count as what they really take), or in Redis the
         length of LMCache's kv_bytes values."""
         if self.redis_url:
-            def kv_bytes(r) -> int:
-                keys = [k for k in self._lmcache_keys(r) if k.endswith(b"kv_bytes")]
-                pipe = r.pipeline(transaction=False)
-                for k in keys:
-                    pipe.strlen(k)
-                return sum(pipe.execute()) if keys else 0
-            return self._redis_call(kv_bytes)
+            return self._redis_call(lambda r: self._kv_bytes(r, self._lmcache_keys(r)))
         if self.directory is None or not self.directory.is_dir():
             return 0
         return sum(p.stat().st_blocks * 512 for p in self.directory.rglob("*") if p.is_file())
@@ -87,14 +81,13 @@ class KvStore:
         """Delete every stored entry; returns the bytes freed. The directory itself stays; in Redis only
         LMCache's keys go."""
         if self.redis_url:
-            freed = self.size_bytes()
-
-            def delete(r) -> None:
-                keys = list(self._lmcache_keys(r))
+            def delete(r) -> int:
+                keys = self._lmcache_keys(r)
+                freed = self._kv_bytes(r, keys)
                 for i in range(0, len(keys), 1000):
                     r.delete(*keys[i:i + 1000])
-            self._redis_call(delete)
-            return freed
+                return freed
+            return self._redis_call(delete)
         if self.directory is None:
             raise UserFacingError(f"kvdemo cannot clear {self.url}: clear it where that server runs.")
         freed = self.size_bytes()
@@ -109,6 +102,15 @@ class KvStore:
     @staticmethod
     def _lmcache_keys(r) -> list[bytes]:
         return [k for k in r.scan_iter(match=LMCACHE_KEY_GLOB, count=1000) if k.endswith(LMCACHE_KEY_SUFFIXES)]
+
+    @staticmethod
+    def _kv_bytes(r, keys: list[bytes]) -> int:
+        """Length of the KV values among LMCache's keys (one pipelined round trip)."""
+        kv_keys = [k for k in keys if k.endswith(b"kv_bytes")]
+        pipe = r.pipeline(transaction=False)
+        for k in kv_keys:
+            pipe.strlen(k)
+        return sum(pipe.execute()) if kv_keys else 0
 
     def _redis_call(self, fn):
         """Run fn(client) against the Redis store; any Redis failure becomes one line saying what to do."""
