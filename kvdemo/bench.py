@@ -22,9 +22,11 @@ import logging
 import os
 import re
 import shlex
+import shutil
 import signal
 import statistics
 import sys
+import tempfile
 import time
 import uuid
 from importlib import metadata
@@ -98,6 +100,41 @@ async def run_repeat(runtime: Runtime, context_tokens: int, decode_tokens: int, 
         await blend.close()
 
 
+async def run_trace(runtime: Runtime, context_tokens: int, tag: str, trace_dir: Path,
+                    timeout_s: float = 120.0) -> dict:
+    """One extra blended, reordered request with the torch profiler on in the LMCache engine.
+
+    Fresh chunks are precomputed and one untraced reordered question warms the path; then the arm file
+    makes the plugin (KVDEMO_TRACE_DIR) trace the next blend. The traced request's TTFT includes the
+    profiler's cost: it is reported apart and never as a result."""
+    builder = runtime.builder
+    assert builder is not None
+    sys_ids = builder.sys_ids()
+    q_warm, q_traced = (builder.question_ids(f"Question {tag}-{k}: which section explains name binding?")
+                        for k in range(2))
+    per_chunk = (context_tokens - len(sys_ids) - len(q_warm)) // CHUNKS_PER_PROMPT - len(builder.sep_ids)
+    chunks = synthetic_chunks(builder, CHUNKS_PER_PROMPT, per_chunk, tag)
+    blend = runtime.lmcache_engine.client()
+    label = f"trace-{context_tokens}"
+    summary_path = trace_dir / f"{label}-summary.json"
+    try:
+        for ids in builder.precompute_layout(sys_ids, chunks):
+            await _ask(blend, ids)
+        untraced = await _ask(blend, builder.assemble(sys_ids, chunks[::-1], q_warm), skip_save=True)
+        summary_path.unlink(missing_ok=True)
+        (trace_dir / "arm").write_text(label)
+        traced = await _ask(blend, builder.assemble(sys_ids, chunks[1:] + chunks[:1], q_traced), skip_save=True)
+    finally:
+        await blend.close()
+    deadline = time.monotonic() + timeout_s
+    while not summary_path.exists() and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+    if not summary_path.exists():
+        raise UserFacingError(f"no blend trace appeared in {trace_dir} (is the LMCache engine blending?)")
+    return {"context_target": context_tokens, "untraced_ttft_s": untraced.ttft_s,
+            "traced_ttft_s_includes_profiler": traced.ttft_s, **json.loads(summary_path.read_text())}
+
+
 def summarize(context_target: int, repeats: list[dict]) -> dict:
     """Medians over repeats, plus the raw repeats and the ratios the issue's targets are stated in."""
     med = {k: statistics.median(r[k] for r in repeats) for k in (*TTFT_KEYS, "precompute_s")}
@@ -112,6 +149,8 @@ def summarize(context_target: int, repeats: list[dict]) -> dict:
     return case
 
 
+TRACE_PRINT_KEYS = ("untraced_ttft_s", "cpu_blend_ms", "gpu_span_ms", "kernel_busy_ms", "h2d_copy_busy_ms",
+                    "h2d_overlapped_with_kernels_ms", "gpu_idle_ms")
 SHARE_TTFT_KEYS = ("a_cold_ttft_s", "b_after_a_ttft_s", "plain_a_ttft_s", "plain_b_ttft_s")
 
 
@@ -248,6 +287,10 @@ def build_bench_parser() -> argparse.ArgumentParser:
     g.add_argument("--plot-only", type=Path, help="redraw the PNG of an existing result JSON and exit")
     g.add_argument("--skip-app-question", action="store_true",
                    help="do not run the app's headless question before the cases")
+    g.add_argument("--trace-contexts", default="",
+                   help="after the cases, trace one extra blended request per context size with the torch "
+                        "profiler inside the LMCache engine (real engines only); writes <name>-<gpu>-trace-"
+                        "<ctx>.json.gz next to the result and a summary into it")
     return p
 
 
@@ -267,6 +310,12 @@ def run(argv: list[str] | None = None) -> dict:
     if max(contexts) + a.decode_tokens > settings.max_model_len:
         raise UserFacingError(f"--contexts up to {max(contexts)} + {a.decode_tokens} decode tokens exceed "
                               f"--max-model-len {settings.max_model_len}.")
+    trace_contexts = [int(x) for x in a.trace_contexts.split(",") if x.strip()]
+    if trace_contexts and (settings.simulate or settings.scenario != "blend"):
+        raise UserFacingError("--trace-contexts traces the real LMCache engine's blend: blend scenario, no --simulate.")
+    trace_dir = Path(tempfile.mkdtemp(prefix="kvdemo-trace-")) if trace_contexts else None
+    if trace_dir is not None:
+        os.environ["KVDEMO_TRACE_DIR"] = str(trace_dir)  # read by kvdemo.vllm_plugin in the engine
     runtime = Runtime(settings)
     try:
         runtime.start()
@@ -292,8 +341,14 @@ def run(argv: list[str] | None = None) -> dict:
                         f"{k}={rep[k]:.3f}" for k in keys), flush=True)
                     repeats.append(rep)
                 cases.append(summarize_fn(ctx, repeats))
+            for ctx in trace_contexts:
+                assert trace_dir is not None
+                traces.append(await run_trace(runtime, ctx, f"trace-{ctx}-{uuid.uuid4().hex[:6]}", trace_dir))
+                print(f"kvdemo.bench: traced a {ctx}-token blend: " + ", ".join(
+                    f"{k}={traces[-1][k]}" for k in TRACE_PRINT_KEYS), flush=True)
             return cases
 
+        traces: list[dict] = []
         cases = asyncio.run(all_cases())
         engine_args = " ".join(settings.engine_args)
         result = {
@@ -319,6 +374,7 @@ def run(argv: list[str] | None = None) -> dict:
                                              if share_scenario else "blended questions sent with lmcache.skip_save"),
             "kv_store": runtime.kv_store.remote_url if share_scenario else None,
             "cases": cases,
+            **({"traces": traces} if traces else {}),
             "evidence": evidence(runtime),
         }
     finally:
@@ -327,6 +383,10 @@ def run(argv: list[str] | None = None) -> dict:
     name = a.name or settings.scenario
     stem = f"{name}-{gpu_slug(device) if not settings.simulate else 'simulated'}"
     path = out / f"{stem}.json"
+    for t in result.get("traces", []):  # the raw trace travels with the result
+        kept = out / f"{stem}-{t['trace']}"
+        shutil.copyfile(trace_dir / t["trace"], kept)
+        t["trace"] = kept.name
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"kvdemo.bench: wrote {path}")
     for c in cases:

@@ -25,6 +25,11 @@ Environment:
 ``KVDEMO_PROFILE=1``
     log one ``kvdemo-profile: ...`` line per engine step that did LMCache work, with CUDA-synchronized
     per-phase times (adds synchronizations: use it for a breakdown, never for TTFT numbers).
+``KVDEMO_TRACE_DIR=DIR``
+    trace one blend with the torch profiler (no added syncs) whenever the file ``DIR/arm`` exists: the
+    blend that finds it deletes it, writes ``DIR/<label>.json.gz`` (Chrome trace; label = the arm file's
+    text) and ``DIR/<label>-summary.json`` (kvdemo.trace_summary: compute vs copy overlap, idle, waits).
+    ``python -m kvdemo.bench --trace-contexts`` arms it for one extra request per context.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from __future__ import annotations
 import functools
 import importlib.abc
 import importlib.util
+import json
 import logging
 import os
 import sys
@@ -39,6 +45,7 @@ import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -47,6 +54,8 @@ logger = logging.getLogger(__name__)
 ENV_ENABLE = "KVDEMO_LMCACHE_PLUGIN"
 ENV_FIXES = "KVDEMO_PLUGIN_FIXES"
 ENV_PROFILE = "KVDEMO_PROFILE"
+ENV_TRACE_DIR = "KVDEMO_TRACE_DIR"
+TRACE_ARM_FILE = "arm"
 
 ALL_FIXES: tuple[str, ...] = ("register", "mistral", "split", "rope", "sync", "quiet")
 
@@ -139,6 +148,9 @@ def register() -> None:
             _install_quiet_filter()
         if profile:
             _arm_profiling()
+        trace_dir = os.environ.get(ENV_TRACE_DIR)
+        if trace_dir:
+            _when_imported(MOD_BLENDER, functools.partial(_patch_blend_trace, trace_dir=Path(trace_dir)))
 
 
 def parse_fixes(value: str | None) -> frozenset[str]:
@@ -536,8 +548,13 @@ def _patch_batched_to_gpu(module: ModuleType) -> None:
 
     * before the compute stream uses the just-loaded buffer: ``current_stream.wait_stream(load_stream)``
       (covers the buffer data and the layer-0 ``old_positions_full`` written on the load stream);
-    * before the load stream overwrites the other buffer (read by the blender's compute and by the
-      paged-memory transfer on the compute stream): ``load_stream.wait_stream(current_stream)``;
+    * before the load stream overwrites the other buffer, it waits for an event recorded on the compute
+      stream *before the blender's compute of the previous layer is enqueued*. That buffer last held
+      layer i-2, whose readers (the blender's compute of layer i-2, the paged-memory transfer of layer
+      i-2) are enqueued before that point; the compute of layer i-1 reads the other buffer. A plain
+      ``load_stream.wait_stream(current_stream)`` at copy time (this fix's first version) also waited for
+      the compute of layer i-1 and so serialized every load behind the previous layer's compute: no
+      overlap at all (measured on the H100: blend = retrieve + compute);
     * at the last layer the host still waits for the load stream, because ``retrieve_layer`` releases
       the CPU memory objects (``ref_count_down``) right after that step returns.
 
@@ -562,7 +579,8 @@ def _patch_batched_to_gpu(module: ModuleType) -> None:
     replacement = functools.wraps(original)(replacement)
     cls.batched_to_gpu = _mark(replacement, "sync")
     logger.info("kvdemo plugin: applied sync (%s.VLLMBufferLayerwiseGPUConnector.batched_to_gpu waits on "
-                "streams, not on the whole device)", module.__name__)
+                "streams, not on the whole device; each layer's load overlaps the previous layer's compute)",
+                module.__name__)
 
 
 def _make_batched_to_gpu(m: ModuleType) -> Callable[..., Generator[None, Any, None]]:
@@ -656,14 +674,16 @@ def _make_batched_to_gpu(m: ModuleType) -> Callable[..., Generator[None, Any, No
                 lmc_logger.debug("Finished loading layer %s into buffer", layer_id - 1)
 
             if layer_id < self.num_layers:
+                # kvdemo: the load buffer last held layer_id-2; everything that reads it (the blender's
+                # compute of that layer, the paged transfer above) is enqueued on the compute stream by
+                # now, while the compute of layer_id-1 (the other buffer) is enqueued after this yield.
+                load_buffer_free = torch.cuda.Event()
+                load_buffer_free.record(torch.cuda.current_stream())
                 memory_objs_layer = yield
 
-                compute_stream = torch.cuda.current_stream()
                 # memobj -> gpu_buffer
                 with torch.cuda.stream(self.load_stream):
-                    # kvdemo: the buffer about to be overwritten held layer_id-2, which the compute
-                    # stream may still read (blender compute, paged transfer above).
-                    self.load_stream.wait_stream(compute_stream)
+                    self.load_stream.wait_event(load_buffer_free)
                     for start, end, memory_obj in zip(starts, ends, memory_objs_layer, strict=False):
                         assert memory_obj.metadata.fmt == MemoryFormat.KV_2TD
                         assert load_gpu_buffer_obj.tensor is not None
@@ -900,6 +920,79 @@ def _arm_profiling() -> None:
     _when_imported(MOD_MODEL_BASE, functools.partial(_profile_methods, cls_name="LMCBaseModel", plan={
         "compute_layer": lambda f: _timed_generator(f, "compute"),
     }))
+
+
+# --------------------------------------------------------------------------------------------------
+# Optional tracing of one blend (KVDEMO_TRACE_DIR)
+# --------------------------------------------------------------------------------------------------
+
+
+def _patch_blend_trace(module: ModuleType, trace_dir: Path) -> None:
+    """Wrap ``LMCBlender.blend``: when ``trace_dir/arm`` exists, run that one blend under the torch profiler.
+
+    WHY: whether LMCache's layerwise loads overlap the recompute can only be seen on a GPU timeline
+    without added syncs; arming one request at a time keeps every other request untouched."""
+    cls = getattr(module, "LMCBlender", None)
+    original = getattr(cls, "blend", None)
+    if original is None:
+        _missing("trace", f"{module.__name__}.LMCBlender.blend")
+        return
+    if getattr(original, _MARK, None) == "trace":
+        return
+
+    @functools.wraps(original)
+    def blend(self: Any, tokens: Any, *args: Any, **kwargs: Any) -> Any:
+        label = _take_trace_arm(trace_dir)
+        if label is None:
+            return original(self, tokens, *args, **kwargs)
+        return _traced_call(functools.partial(original, self, tokens, *args, **kwargs), trace_dir, label,
+                            n_tokens=len(tokens))
+
+    cls.blend = _mark(blend, "trace")
+    logger.info("kvdemo plugin: applied trace (%s.LMCBlender.blend is traced when %s exists)", module.__name__,
+                trace_dir / TRACE_ARM_FILE)
+
+
+def _take_trace_arm(trace_dir: Path) -> str | None:
+    """The label in ``trace_dir/arm`` if it exists (and delete it: one trace per arming), else None."""
+    arm = trace_dir / TRACE_ARM_FILE
+    try:
+        label = arm.read_text().strip()
+        arm.unlink()
+    except OSError:
+        return None
+    return "".join(ch for ch in label if ch.isalnum() or ch in "-_.") or "blend"
+
+
+def _traced_call(call: Callable[[], Any], trace_dir: Path, label: str, n_tokens: int) -> Any:
+    """Run ``call`` under torch.profiler (CPU + CUDA), then write the trace and its summary."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from .trace_summary import BLEND_ANNOTATION, load_events, summarize
+
+    try:
+        prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+        prof.__enter__()
+    except Exception:
+        logger.exception("kvdemo plugin: torch profiler did not start; blend runs untraced")
+        return call()
+    try:
+        with record_function(BLEND_ANNOTATION):
+            result = call()
+        torch.cuda.synchronize()  # after the annotation: the GPU work of the blend is all recorded
+    finally:
+        prof.__exit__(None, None, None)
+    try:
+        path = trace_dir / f"{label}.json.gz"
+        prof.export_chrome_trace(str(path))
+        summary = {"label": label, "blend_tokens": n_tokens, "trace": path.name,
+                   **summarize(load_events(path))}
+        (trace_dir / f"{label}-summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        logger.info("kvdemo plugin: traced blend of %d tokens -> %s", n_tokens, path)
+    except Exception:
+        logger.exception("kvdemo plugin: writing the blend trace failed")
+    return result
 
 
 # --------------------------------------------------------------------------------------------------

@@ -75,6 +75,6 @@ for step in "$@"; do
   else echo "no engine processes left after $step"; fi
 done
 # New result files come back one by one; everything else in one archive.
-find benchmarks/results -newer "$started" -type f -name '*.json' -exec cp {} "$OUT/" \;
+find benchmarks/results -newer "$started" -type f \( -name '*.json' -o -name '*.json.gz' \) -exec cp {} "$OUT/" \;
 tar czf "$OUT/logs-$(IFS=-; echo "$*").tar.gz" -C "$TXT" .
 exit "$rc"
