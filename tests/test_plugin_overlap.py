@@ -107,7 +107,15 @@ class FakeGpuTensor:
         return self
 
     def __setitem__(self, index: Any, value: Any) -> None:
+        # torch turns a Python scalar into a CPU tensor and copies it with a host sync (trace on the H100)
+        if isinstance(value, float):
+            self.gpu.host_syncs.append(f"scalar-to-{self.name}")
         self.gpu.current.enqueue(("write", self.name))
+
+    def index_fill_(self, dim: int, index: Any, value: float) -> FakeGpuTensor:
+        assert isinstance(value, float)  # a Python scalar: no host-to-device copy, no host sync
+        self.gpu.current.enqueue(("write", self.name))
+        return self
 
     def copy_(self, src: Any, non_blocking: bool = False) -> FakeGpuTensor:
         assert non_blocking
