@@ -31,19 +31,6 @@ log = logging.getLogger(__name__)
 LMCACHE_KV_TRANSFER = {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}
 # Env every real engine gets (GPU.md): no 140 s flashinfer sampler JIT, stable hashes, no telemetry.
 BASE_ENGINE_ENV = {"VLLM_USE_FLASHINFER_SAMPLER": "0", "PYTHONHASHSEED": "0", "VLLM_NO_USAGE_STATS": "1"}
-# The blending engine: LMCache's blender recomputes part of the prompt with its own *eager* layer-by-layer
-# copy of the model. With vLLM's default torch.compile, vLLM picks its unfused PyTorch ("native") RMSNorm,
-# SiLU-and-mul and RoPE (Inductor fuses them in vLLM's own graph), so that eager copy launches ~11 small
-# kernels per norm and was CPU-bound on the H100 (trace: GPU idle 80 of 218 ms of a 16K blend). These
-# two vLLM options make the same layers call vLLM's single CUDA kernels instead (what --enforce-eager
-# does anyway). Skipped when the user passes any of USER_COMPILE_FLAGS.
-BLEND_KERNEL_ARGS = [
-    "--kernel-config", json.dumps({"ir_op_priority": {"rms_norm": ["vllm_c", "native"],
-                                                      "fused_add_rms_norm": ["vllm_c", "native"]}},
-                                  separators=(",", ":")),
-    "--compilation-config", json.dumps({"custom_ops": ["+silu_and_mul", "+rotary_embedding"]}, separators=(",", ":")),
-]
-USER_COMPILE_FLAGS = ("--kernel-config", "--compilation-config", "-cc", "-O", "--enforce-eager")
 
 
 @dataclass
@@ -68,7 +55,6 @@ class EngineSpec:
     url_override: str | None = None  # --attach: someone else runs it
     sim_store_dir: Path | None = None  # simulated LMCache engines: share stored KV through this directory
     sim_store_url: str | None = None  # ... or through this Redis server
-    blending: bool = False  # LMCache engine that blends (gets BLEND_KERNEL_ARGS)
 
     @property
     def url(self) -> str:
@@ -111,8 +97,6 @@ class EngineSpec:
         if self.lmcache:
             cmd += ["--kv-transfer-config", json.dumps(LMCACHE_KV_TRANSFER, separators=(",", ":")),
                     "--no-enable-prefix-caching", "--attention-backend", "FLASH_ATTN"]
-            if self.blending and not any(a.split("=")[0].startswith(USER_COMPILE_FLAGS) for a in self.extra_args):
-                cmd += BLEND_KERNEL_ARGS
         else:
             cmd += ["--enable-prefix-caching"]
         return cmd + list(self.extra_args)

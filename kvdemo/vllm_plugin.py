@@ -19,9 +19,10 @@ Environment:
 ``KVDEMO_LMCACHE_PLUGIN=1``
     switch the plugin on (otherwise :func:`register` returns at once).
 ``KVDEMO_PLUGIN_FIXES``
-    comma list of fixes, default ``all`` = ``register,mistral,split,rope,sync,quiet``. ``-name``
+    comma list of fixes, default ``all`` = ``register,mistral,split,rope,sync,kernels,quiet``. ``-name``
     removes one (``all,-sync``), ``none`` applies nothing. ``register``/``mistral``/``split`` are needed
-    for blending to work at all; ``rope``/``sync``/``quiet`` are speed fixes a benchmark can switch off.
+    for blending to work at all; ``rope``/``sync``/``kernels``/``quiet`` are speed fixes a benchmark can
+    switch off.
 ``KVDEMO_PROFILE=1``
     log one ``kvdemo-profile: ...`` line per engine step that did LMCache work, with CUDA-synchronized
     per-phase times (adds synchronizations: use it for a breakdown, never for TTFT numbers).
@@ -57,7 +58,7 @@ ENV_PROFILE = "KVDEMO_PROFILE"
 ENV_TRACE_DIR = "KVDEMO_TRACE_DIR"
 TRACE_ARM_FILE = "arm"
 
-ALL_FIXES: tuple[str, ...] = ("register", "mistral", "split", "rope", "sync", "quiet")
+ALL_FIXES: tuple[str, ...] = ("register", "mistral", "split", "rope", "sync", "kernels", "quiet")
 
 # vLLM model classes that LMCache's Llama path (LMCLlamaModel) computes correctly. vLLM 0.22's
 # MistralForCausalLM subclasses its LlamaForCausalLM with the same submodule names
@@ -73,6 +74,7 @@ SYNC_FIX_LMCACHE_VERSIONS: tuple[str, ...] = ("0.5.3",)
 # target already carries it is skipped, so register() and the import hooks are idempotent even if this
 # module is re-imported.
 _MARK = "_kvdemo_fix"
+_MARKS = "_kvdemo_fixes"
 
 # Module paths patched (lmcache 0.5.3 / vllm 0.22.0).
 MOD_WORKER = "vllm.v1.worker.gpu_worker"
@@ -144,6 +146,8 @@ def register() -> None:
             _when_imported(MOD_ROPE, _patch_fused_rope)
         if "sync" in fixes:
             _when_imported(MOD_GPU_CONNECTORS, _patch_batched_to_gpu)
+        if "kernels" in fixes:
+            _when_imported(MOD_BLENDER, _patch_blend_kernels)
         if "quiet" in fixes:
             _install_quiet_filter()
         if profile:
@@ -321,11 +325,14 @@ def _has_extension(stem: str) -> bool:
         return False
 
 
-def _already(target: Any) -> bool:
-    return getattr(target, _MARK, None) is not None
+def _already(target: Any, fix: str) -> bool:
+    """Whether ``fix`` already wrapped ``target`` (fixes stack: kernels, trace and profile all wrap blend)."""
+    return fix in getattr(target, _MARKS, ())
 
 
 def _mark(func: Any, fix: str) -> Any:
+    """Tag a replacement with its fix (``_MARK``: the outermost; ``_MARKS``: every fix in the stack)."""
+    setattr(func, _MARKS, frozenset(getattr(func, _MARKS, ())) | {fix})  # functools.wraps copied the inner's
     setattr(func, _MARK, fix)
     return func
 
@@ -352,7 +359,7 @@ def _patch_worker_load_model(module: ModuleType) -> None:
     if original is None:
         _missing("register", f"{module.__name__}.Worker.load_model")
         return
-    if _already(original):
+    if _already(original, "register"):
         return
 
     @functools.wraps(original)
@@ -396,7 +403,7 @@ def _patch_infer_model(module: ModuleType) -> None:
     if original is None:
         _missing("mistral", f"{module.__name__}.infer_model_from_vllm")
         return
-    if _already(original):
+    if _already(original, "mistral"):
         logger.info("kvdemo plugin: applied mistral (%s.infer_model_from_vllm already wrapped)", module.__name__)
         return
 
@@ -476,7 +483,7 @@ def _patch_split(module: ModuleType) -> None:
     if original is None:
         _missing("split", f"{module.__name__}.SegmentTokenDatabase._fast_split_by_subtensor")
         return
-    if _already(original):
+    if _already(original, "split"):
         return
 
     @functools.wraps(original)
@@ -507,7 +514,7 @@ def _patch_fused_rope(module: ModuleType) -> None:
     if original is None:
         _missing("rope", f"{module.__name__}.FusedRope.fused_encode")
         return
-    if _already(original):
+    if _already(original, "rope"):
         return
 
     @functools.wraps(original)
@@ -565,7 +572,7 @@ def _patch_batched_to_gpu(module: ModuleType) -> None:
     if original is None:
         _missing("sync", f"{module.__name__}.VLLMBufferLayerwiseGPUConnector.batched_to_gpu")
         return
-    if _already(original):
+    if _already(original, "sync"):
         return
     found = _lmcache_version()
     if found not in SYNC_FIX_LMCACHE_VERSIONS:
@@ -714,6 +721,92 @@ def _make_batched_to_gpu(m: ModuleType) -> Callable[..., Generator[None, Any, No
         yield
 
     return batched_to_gpu
+
+
+# --------------------------------------------------------------------------------------------------
+# Speed fix 6: vLLM's CUDA kernels in LMCache's eager model copy, during the blend only
+# --------------------------------------------------------------------------------------------------
+
+# vLLM IR ops (vllm.ir.ops.<name>) and CustomOp names (CustomOp.register) the blender's layers call.
+BLEND_IR_OPS: tuple[str, ...] = ("rms_norm", "fused_add_rms_norm")
+BLEND_IR_PRIORITY: list[str] = ["vllm_c", "native"]
+BLEND_CUSTOM_OPS: tuple[str, ...] = ("silu_and_mul", "rotary_embedding")
+
+
+def _patch_blend_kernels(module: ModuleType) -> None:
+    """Wrap ``LMCBlender.blend`` so LMCache's layerwise recompute calls vLLM's CUDA kernels.
+
+    WHY: the blender recomputes part of the prompt with an *eager*, layer-by-layer walk over vLLM's own
+    modules (``LMCBaseModel.compute_layer``). Under vLLM's default torch.compile, vLLM sets those modules
+    to their unfused PyTorch ("native") code, which Inductor fuses inside vLLM's graph: RMSNorm (vLLM IR
+    ops, ~11 small kernels per call eagerly), SiLU-and-mul and RoPE (CustomOps). Eagerly that made the
+    16K blend CPU-bound on the H100 (torch-profiler trace: GPU idle 80 of 218 ms). Inside the blend
+    only, the IR ops get vLLM's C kernels first (``IrOp.set_priority``, vLLM's scoped override) and the
+    two CustomOps dispatch to ``forward_cuda`` (what ``--enforce-eager`` uses); both are restored when
+    the blend returns. vLLM's own compiled forward and CUDA graphs are untouched (setting the same
+    kernels engine-wide cost 3-6 % decode speed, measured).
+    """
+    cls = getattr(module, "LMCBlender", None)
+    original = getattr(cls, "blend", None)
+    if original is None:
+        _missing("kernels", f"{module.__name__}.LMCBlender.blend")
+        return
+    if _already(original, "kernels"):
+        return
+
+    @functools.wraps(original)
+    def blend(self: Any, *args: Any, **kwargs: Any) -> Any:
+        ops = getattr(self, "_kvdemo_custom_ops", None)
+        if ops is None:  # the model's modules do not change: find them once per blender
+            model = getattr(getattr(self, "layerwise_model", None), "vllm_model", None)
+            ops = self._kvdemo_custom_ops = blend_custom_ops(model)
+        with cuda_kernels_in_eager_blend(ops):
+            return original(self, *args, **kwargs)
+
+    cls.blend = _mark(blend, "kernels")
+    logger.info("kvdemo plugin: applied kernels (%s.LMCBlender.blend runs vLLM's CUDA kernels for %s)",
+                module.__name__, ", ".join(BLEND_IR_OPS + BLEND_CUSTOM_OPS))
+
+
+@contextmanager
+def cuda_kernels_in_eager_blend(custom_ops: Sequence[Any]) -> Iterator[None]:
+    """Within the block: vLLM IR ops prefer ``vllm_c``; the given CustomOp modules run ``forward_cuda``."""
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        try:
+            from vllm import ir
+
+            for name in BLEND_IR_OPS:
+                stack.enter_context(getattr(ir.ops, name).set_priority(BLEND_IR_PRIORITY))
+        except Exception as exc:  # noqa: BLE001 - a vLLM without these ops just blends as before
+            _warn_once("kernels-ir", "kvdemo plugin: fix 'kernels' left vLLM IR ops as they are (%s)", exc)
+        swapped = [(op, op._forward_method) for op in custom_ops if op._forward_method != op.forward_cuda]
+        for op, _ in swapped:
+            op._forward_method = op.forward_cuda
+        try:
+            yield
+        finally:
+            for op, method in swapped:
+                op._forward_method = method
+
+
+def blend_custom_ops(vllm_model: Any) -> list[Any]:
+    """The model's SiLU-and-mul / RoPE CustomOp modules (by their registered name) that have forward_cuda."""
+    modules = getattr(vllm_model, "modules", None)
+    if modules is None:
+        return []
+    return [m for m in modules() if getattr(type(m), "name", None) in BLEND_CUSTOM_OPS
+            and hasattr(m, "_forward_method") and callable(getattr(m, "forward_cuda", None))]
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, msg: str, *args: Any) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning(msg, *args)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -893,7 +986,7 @@ def _profile_methods(module: ModuleType, cls_name: str, plan: dict[str, Callable
         if original is None:
             _missing("profile", f"{module.__name__}.{cls_name}.{method}")
             continue
-        if _already(original):
+        if _already(original, "profile"):
             continue
         setattr(cls, method, make(original))
         done.append(method)
@@ -939,7 +1032,7 @@ def _patch_blend_trace(module: ModuleType, trace_dir: Path) -> None:
     if original is None:
         _missing("trace", f"{module.__name__}.LMCBlender.blend")
         return
-    if getattr(original, _MARK, None) == "trace":
+    if _already(original, "trace"):
         return
 
     @functools.wraps(original)

@@ -103,26 +103,6 @@ def test_extra_engine_args_are_appended():
         assert argv[-3:] == ["--load-format", "dummy", "--enforce-eager"]
 
 
-def test_blending_engine_uses_vllms_cuda_kernels_in_lmcaches_eager_model():
-    argv = spec(True, blending=True, extra_args=["--load-format", "dummy"]).argv()
-    kernel = json.loads(flag_value(argv, "--kernel-config"))["ir_op_priority"]
-    assert kernel == {"rms_norm": ["vllm_c", "native"], "fused_add_rms_norm": ["vllm_c", "native"]}
-    assert json.loads(flag_value(argv, "--compilation-config")) == {"custom_ops": ["+silu_and_mul",
-                                                                                  "+rotary_embedding"]}
-    assert argv[-2:] == ["--load-format", "dummy"]
-    # not for the plain engine, nor an LMCache engine that does not blend (share scenario)
-    for other in (spec(False, blending=False), spec(True)):
-        assert "--kernel-config" not in other.argv() and "--compilation-config" not in other.argv()
-    # the user's own compile settings win (and --enforce-eager already runs vLLM's CUDA kernels)
-    for user in (["--enforce-eager"], ["--compilation-config", "{}"], ["-O0"], ["--kernel-config={}"]):
-        argv = spec(True, blending=True, extra_args=user).argv()
-        ours = argv[:-len(user)]
-        assert argv[-len(user):] == user and "--kernel-config" not in ours and "--compilation-config" not in ours
-    from kvdemo.scenarios import blend
-    specs = blend.engine_specs(parse_settings(["--model", MODEL]), [0])
-    assert [s.blending for s in specs] == [True, False]
-
-
 def test_simulated_engine_argv_and_env():
     s = spec(True, GpuSlot(None, 0.0, 1), simulate=True, sim_speed=4.0)
     argv = s.argv()

@@ -11,6 +11,7 @@ import sys
 import textwrap
 import types
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -239,7 +240,7 @@ def test_nothing_happens_without_env(fakes: Fakes) -> None:
 def test_env_other_than_1_is_off(fakes: Fakes, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(vp.ENV_ENABLE, "0")
     vp.register()
-    assert not vp._already(fakes.Worker.load_model)
+    assert not vp._already(fakes.Worker.load_model, "register")
 
 
 def test_missing_lmcache_does_not_crash(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
@@ -309,10 +310,10 @@ def test_register_is_idempotent(fakes: Fakes, monkeypatch: pytest.MonkeyPatch) -
 def test_fix_selection(fakes: Fakes, monkeypatch: pytest.MonkeyPatch) -> None:
     _enable(monkeypatch, "all,-mistral,-rope")
     vp.register()
-    assert vp._already(fakes.Worker.load_model)
-    assert vp._already(fakes.SegmentTokenDatabase._fast_split_by_subtensor)
+    assert vp._already(fakes.Worker.load_model, "register")
+    assert vp._already(fakes.SegmentTokenDatabase._fast_split_by_subtensor, "split")
     assert fakes.models.infer_model_from_vllm is fake_infer_model_from_vllm
-    assert not vp._already(fakes.FusedRope.fused_encode)
+    assert not vp._already(fakes.FusedRope.fused_encode, "rope")
 
 
 def test_missing_target_warns(fakes: Fakes, monkeypatch: pytest.MonkeyPatch,
@@ -628,3 +629,101 @@ def test_profile_logs_one_line_per_lmcache_step(fakes: Fakes, monkeypatch: pytes
     assert len(lines) == 1
     assert "step=" in lines[0] and "blend=" in lines[0] and "retrieve=" in lines[0]
     assert "blend_tokens=16125" in lines[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Fix 'kernels': vLLM's CUDA kernels inside the eager blend only
+# --------------------------------------------------------------------------------------------------
+
+
+class FakeIrOp:
+    """Mimics vllm.ir.op.IrOp's scoped override (set_priority is a context manager)."""
+
+    def __init__(self, name: str, log: list) -> None:
+        self.name, self.log, self.priority = name, log, ["native"]
+
+    @contextmanager
+    def set_priority(self, priority: list[str]) -> Iterator[None]:
+        old, self.priority = self.priority, list(priority)
+        try:
+            yield
+        finally:
+            self.priority = old
+
+
+class FakeSiluAndMul:
+    """Like a vLLM CustomOp under torch.compile: dispatches to forward_native unless told otherwise."""
+
+    name = "silu_and_mul"
+
+    def __init__(self) -> None:
+        self._forward_method = self.forward_native
+
+    def forward(self, x: Any) -> str:
+        return self._forward_method(x)
+
+    def forward_native(self, x: Any) -> str:
+        return "native"
+
+    def forward_cuda(self, x: Any) -> str:
+        return "cuda"
+
+
+class FakeRotaryEmbedding(FakeSiluAndMul):
+    name = "rotary_embedding"
+
+
+class FakeOtherOp(FakeSiluAndMul):
+    name = "quant_fp8"  # not one the blender needs: left alone
+
+
+def test_blend_runs_vllm_cuda_kernels_and_restores_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    ir_ops = {name: FakeIrOp(name, []) for name in vp.BLEND_IR_OPS}
+    _module(monkeypatch, "vllm", ir=types.SimpleNamespace(ops=types.SimpleNamespace(**ir_ops)))
+    act, rope, other = FakeSiluAndMul(), FakeRotaryEmbedding(), FakeOtherOp()
+    already = FakeRotaryEmbedding()
+    already._forward_method = already.forward_cuda
+    model = types.SimpleNamespace(modules=lambda: iter([object(), act, rope, other, already]))
+    seen: list[dict] = []
+
+    class LMCBlender:
+        layerwise_model = types.SimpleNamespace(vllm_model=model)
+
+        def blend(self, tokens: Any, fail: bool = False) -> str:
+            seen.append({"ir": {n: op.priority for n, op in ir_ops.items()},
+                         "ops": [m.forward(None) for m in (act, rope, other, already)]})
+            if fail:
+                raise RuntimeError("engine error")
+            return "blended"
+
+    module = types.SimpleNamespace(__name__=vp.MOD_BLENDER, LMCBlender=LMCBlender)
+    vp._patch_blend_kernels(module)
+    vp._patch_blend_kernels(module)  # idempotent
+    blender = LMCBlender()
+    assert blender.blend([1, 2]) == "blended"
+    assert seen[0] == {"ir": {n: ["vllm_c", "native"] for n in vp.BLEND_IR_OPS},
+                       "ops": ["cuda", "cuda", "native", "cuda"]}
+    after = {"ir": {n: op.priority for n, op in ir_ops.items()},
+             "ops": [m.forward(None) for m in (act, rope, other, already)]}
+    assert after == {"ir": {n: ["native"] for n in vp.BLEND_IR_OPS}, "ops": ["native", "native", "native", "cuda"]}
+    with pytest.raises(RuntimeError):
+        blender.blend([1], fail=True)
+    assert seen[1] == seen[0]
+    assert [m.forward(None) for m in (act, rope)] == ["native", "native"]  # restored after an error too
+
+
+def test_blend_kernels_without_vllm_ir_still_blends(monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    _module(monkeypatch, "vllm")  # a vLLM without vllm.ir
+    act = FakeSiluAndMul()
+
+    class LMCBlender:
+        layerwise_model = types.SimpleNamespace(vllm_model=types.SimpleNamespace(modules=lambda: iter([act])))
+
+        def blend(self, tokens: Any) -> str:
+            return act.forward(None)
+
+    vp._patch_blend_kernels(types.SimpleNamespace(__name__=vp.MOD_BLENDER, LMCBlender=LMCBlender))
+    with caplog.at_level(logging.WARNING, logger=vp.logger.name):
+        assert LMCBlender().blend([1]) == "cuda"
+    assert act.forward(None) == "native"

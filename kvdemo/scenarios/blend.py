@@ -19,8 +19,7 @@ def engine_specs(settings: Settings, gpus: list[int]) -> list[EngineSpec]:
     attach = settings.attach or [None, None]
     return [
         EngineSpec(key="lmcache", label=LMCACHE_LABEL, lmcache=True, port=settings.engine_ports[0],
-                   slot=slots[0], lmcache_config=settings.lmcache_config_path, url_override=attach[0], blending=True,
-                   **common),
+                   slot=slots[0], lmcache_config=settings.lmcache_config_path, url_override=attach[0], **common),
         EngineSpec(key="plain", label=PLAIN_LABEL, lmcache=False, port=settings.engine_ports[1],
                    slot=slots[1], url_override=attach[1] if len(attach) > 1 else None, **common),
     ]
