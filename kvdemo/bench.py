@@ -239,7 +239,7 @@ def plot(result: dict, png: Path) -> None:
     for key, (label, color, fmt) in styles.items():
         ax.plot(x, [c[key] for c in cases], fmt, color=color, label=label)
     for c, xi in zip(cases, x):
-        ax.annotate(f"{c['speedup_reordered']:.1f}×", (xi, c["blend_reordered_ttft_s"]), textcoords="offset points",
+        ax.annotate(f"{c['speedup_reordered']:.2f}×", (xi, c["blend_reordered_ttft_s"]), textcoords="offset points",
                     xytext=(0, -14), ha="center", color="tab:blue", fontsize=9)
     ax.set_xlabel("context tokens (thousands), 8 chunks")
     ax.set_ylabel("time to first token (s), median")
