@@ -46,6 +46,14 @@ def test_redis_store_passes_through_and_other_urls_are_refused(tmp_path):
         KvStore.from_settings(tmp_path, "ftp://somewhere")
 
 
+def test_page_names_the_store_and_warns_that_redis_measured_slow():
+    from kvdemo.ui.share_app import store_line
+
+    assert store_line(None, "fs://localhost:1/tmp/kv/") == "Shared KV store: `fs://localhost:1/tmp/kv/`"
+    line = store_line("redis://h:6379", "redis://h:6379")
+    assert line.startswith("Shared KV store: `redis://h:6379`") and "0.26 GB/s" in line and "6.8 s" in line
+
+
 def test_unwritable_store_says_so(tmp_path, monkeypatch):
     store = KvStore.from_settings(tmp_path / "kv", None)
     monkeypatch.setattr(os, "access", lambda *a, **k: False)
