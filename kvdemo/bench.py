@@ -275,6 +275,17 @@ def plot_share(result: dict, png: Path, plt) -> None:
     plt.close(fig)
 
 
+def token_counts(flag: str, text: str) -> list[int]:
+    """``4000,8000`` → [4000, 8000]; anything else is a one-line error naming the flag."""
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise UserFacingError(f"{flag} takes token counts separated by commas, e.g. 8000,16000 (got {text!r}).")
+    return values
+
+
 def build_bench_parser() -> argparse.ArgumentParser:
     p = build_parser()
     p.prog = "python -m kvdemo.bench"
@@ -306,11 +317,11 @@ def run(argv: list[str] | None = None) -> dict:
     out = Path(a.out)
     if settings.simulate and out.resolve() == (REPO_ROOT / "benchmarks" / "results").resolve():
         raise UserFacingError("benchmarks/results holds GPU measurements only: give --out for a SIMULATED run.")
-    contexts = [int(x) for x in a.contexts.split(",")]
+    contexts = token_counts("--contexts", a.contexts)
     if max(contexts) + a.decode_tokens > settings.max_model_len:
         raise UserFacingError(f"--contexts up to {max(contexts)} + {a.decode_tokens} decode tokens exceed "
                               f"--max-model-len {settings.max_model_len}.")
-    trace_contexts = [int(x) for x in a.trace_contexts.split(",") if x.strip()]
+    trace_contexts = token_counts("--trace-contexts", a.trace_contexts) if a.trace_contexts.strip() else []
     if trace_contexts and (settings.simulate or settings.scenario != "blend"):
         raise UserFacingError("--trace-contexts traces the real LMCache engine's blend: blend scenario, no --simulate.")
     trace_dir = Path(tempfile.mkdtemp(prefix="kvdemo-trace-")) if trace_contexts else None

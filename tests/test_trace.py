@@ -174,3 +174,9 @@ def test_run_trace_says_when_no_trace_appears(builder, tmp_path, monkeypatch) ->
 def test_trace_needs_real_engines() -> None:
     with pytest.raises(UserFacingError, match="real LMCache engine"):
         bench.run(["--simulate", "--trace-contexts", "16000", "--out", "/tmp/x"])
+
+
+@pytest.mark.parametrize("flags", [["--contexts", "8k"], ["--contexts", "0"], ["--trace-contexts", "16000,x"]])
+def test_bad_token_counts_are_one_line_errors(flags) -> None:
+    with pytest.raises(UserFacingError, match="token counts separated by commas"):
+        bench.run(["--simulate", "--out", "/tmp/x", *flags])
