@@ -341,6 +341,8 @@ def run(argv: list[str] | None = None) -> dict:
         repeat_fn, summarize_fn = (run_share_repeat, summarize_share) if share_scenario else (run_repeat, summarize)
         keys = SHARE_TTFT_KEYS if share_scenario else TTFT_KEYS
 
+        traces: list[dict] = []  # filled by all_cases when --trace-contexts is given
+
         async def all_cases() -> list[dict]:
             await repeat_fn(runtime, max(contexts), a.decode_tokens, "warmup-" + uuid.uuid4().hex[:6])
             cases = []
@@ -359,7 +361,6 @@ def run(argv: list[str] | None = None) -> dict:
                     f"{k}={traces[-1][k]}" for k in TRACE_PRINT_KEYS), flush=True)
             return cases
 
-        traces: list[dict] = []
         cases = asyncio.run(all_cases())
         engine_args = " ".join(settings.engine_args)
         result = {
@@ -398,6 +399,8 @@ def run(argv: list[str] | None = None) -> dict:
         kept = out / f"{stem}-{t['trace']}"
         shutil.copyfile(trace_dir / t["trace"], kept)
         t["trace"] = kept.name
+    if trace_dir is not None:
+        shutil.rmtree(trace_dir, ignore_errors=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"kvdemo.bench: wrote {path}")
     for c in cases:
