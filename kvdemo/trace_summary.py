@@ -64,6 +64,10 @@ def _is_complete(e: dict[str, Any]) -> bool:
     return e.get("ph") == "X" and isinstance(e.get("ts"), (int, float)) and isinstance(e.get("dur"), (int, float))
 
 
+def _is_h2d_copy(e: dict[str, Any]) -> bool:
+    return e.get("cat") == "gpu_memcpy" and "HtoD" in str(e.get("name", ""))
+
+
 def _span(e: dict[str, Any]) -> Interval:
     return float(e["ts"]), float(e["ts"]) + float(e["dur"])
 
@@ -76,8 +80,8 @@ def summarize(events: list[dict[str, Any]], top: int = 8) -> dict[str, Any]:
     complete = [e for e in events if _is_complete(e)]
     gpu = [e for e in complete if e.get("cat") in GPU_CATEGORIES]
     kernels = [e for e in gpu if e.get("cat") == "kernel"]
-    h2d = [e for e in gpu if e.get("cat") == "gpu_memcpy" and "HtoD" in str(e.get("name", ""))]
-    other_copies = [e for e in gpu if e.get("cat") in ("gpu_memcpy", "gpu_memset") and e not in h2d]
+    h2d = [e for e in gpu if _is_h2d_copy(e)]
+    other_copies = [e for e in gpu if e.get("cat") != "kernel" and not _is_h2d_copy(e)]
     annotation = next((e for e in complete if e.get("name") == BLEND_ANNOTATION
                        and e.get("cat") in ("user_annotation", "cpu_op", "python_function")), None)
 

@@ -578,10 +578,10 @@ def _patch_batched_to_gpu(module: ModuleType) -> None:
     if found is None:
         return
     cls, original = found
-    found = _lmcache_version()
-    if found not in SYNC_FIX_LMCACHE_VERSIONS:
+    version = _lmcache_version()
+    if version not in SYNC_FIX_LMCACHE_VERSIONS:
         logger.warning("kvdemo plugin: fix 'sync' is a copy of lmcache %s's batched_to_gpu; lmcache here is "
-                       "%s, so it is not applied", "/".join(SYNC_FIX_LMCACHE_VERSIONS), found)
+                       "%s, so it is not applied", "/".join(SYNC_FIX_LMCACHE_VERSIONS), version)
         return
     replacement = _make_batched_to_gpu(module)
     annotate = getattr(module, "_lmcache_nvtx_annotate", None)
@@ -757,11 +757,11 @@ def _patch_blend_kernels(module: ModuleType) -> None:
 
     @functools.wraps(original)
     def blend(self: Any, *args: Any, **kwargs: Any) -> Any:
-        ops = getattr(self, "_kvdemo_custom_ops", None)
-        if ops is None:  # the model's modules do not change: find them once per blender
+        found = getattr(self, "_kvdemo_kernel_ops", None)
+        if found is None:  # the ops and the model's modules do not change: find them once per blender
             model = getattr(getattr(self, "layerwise_model", None), "vllm_model", None)
-            ops = self._kvdemo_custom_ops = blend_custom_ops(model)
-        with cuda_kernels_in_eager_blend(ops):
+            found = self._kvdemo_kernel_ops = (blend_ir_ops(), blend_custom_ops(model))
+        with cuda_kernels_in_eager_blend(*found):
             return original(self, *args, **kwargs)
 
     cls.blend = _mark(blend, "kernels")
@@ -770,18 +770,13 @@ def _patch_blend_kernels(module: ModuleType) -> None:
 
 
 @contextmanager
-def cuda_kernels_in_eager_blend(custom_ops: Sequence[Any]) -> Iterator[None]:
-    """Within the block: vLLM IR ops prefer ``vllm_c``; the given CustomOp modules run ``forward_cuda``."""
+def cuda_kernels_in_eager_blend(ir_ops: Sequence[Any], custom_ops: Sequence[Any]) -> Iterator[None]:
+    """Within the block: the vLLM IR ops prefer ``vllm_c``; the CustomOp modules run ``forward_cuda``."""
     from contextlib import ExitStack
 
     with ExitStack() as stack:
-        try:
-            from vllm import ir
-
-            for name in BLEND_IR_OPS:
-                stack.enter_context(getattr(ir.ops, name).set_priority(BLEND_IR_PRIORITY))
-        except Exception as exc:  # noqa: BLE001 - a vLLM without these ops just blends as before
-            _warn_once("kernels-ir", "kvdemo plugin: fix 'kernels' left vLLM IR ops as they are (%s)", exc)
+        for op in ir_ops:
+            stack.enter_context(op.set_priority(BLEND_IR_PRIORITY))
         swapped = [(op, op._forward_method) for op in custom_ops if op._forward_method != op.forward_cuda]
         for op, _ in swapped:
             op._forward_method = op.forward_cuda
@@ -792,6 +787,17 @@ def cuda_kernels_in_eager_blend(custom_ops: Sequence[Any]) -> Iterator[None]:
                 op._forward_method = method
 
 
+def blend_ir_ops() -> list[Any]:
+    """vLLM's RMSNorm IR ops (``vllm.ir.ops``), or none (logged) in a vLLM without them."""
+    try:
+        from vllm import ir
+
+        return [getattr(ir.ops, name) for name in BLEND_IR_OPS]
+    except Exception as exc:  # noqa: BLE001 - a vLLM without these ops just blends as before
+        logger.warning("kvdemo plugin: fix 'kernels' leaves vLLM IR ops as they are (%s)", exc)
+        return []
+
+
 def blend_custom_ops(vllm_model: Any) -> list[Any]:
     """The model's SiLU-and-mul / RoPE CustomOp modules (by their registered name) that have forward_cuda."""
     modules = getattr(vllm_model, "modules", None)
@@ -799,15 +805,6 @@ def blend_custom_ops(vllm_model: Any) -> list[Any]:
         return []
     return [m for m in modules() if getattr(type(m), "name", None) in BLEND_CUSTOM_OPS
             and hasattr(m, "_forward_method") and callable(getattr(m, "forward_cuda", None))]
-
-
-_warned: set[str] = set()
-
-
-def _warn_once(key: str, msg: str, *args: Any) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        logger.warning(msg, *args)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -980,15 +977,12 @@ def _timed_generator(original: Callable[..., Any], phase: str) -> Callable[..., 
 
 
 def _profile_methods(module: ModuleType, cls_name: str, plan: dict[str, Callable[[Any], Any]]) -> None:
-    cls = getattr(module, cls_name, None)
     done = []
     for method, make in plan.items():
-        original = getattr(cls, method, None)
-        if original is None:
-            _missing("profile", f"{module.__name__}.{cls_name}.{method}")
+        found = _unpatched(module, f"{cls_name}.{method}", "profile")
+        if found is None:
             continue
-        if _already(original, "profile"):
-            continue
+        cls, original = found
         setattr(cls, method, make(original))
         done.append(method)
     if done:
