@@ -727,3 +727,178 @@ def test_blend_kernels_without_vllm_ir_still_blends(monkeypatch: pytest.MonkeyPa
     with caplog.at_level(logging.WARNING, logger=vp.logger.name):
         assert LMCBlender().blend([1]) == "cuda"
     assert act.forward(None) == "native"
+
+
+# --------------------------------------------------------------------------------------------------
+# Fix 'tokens': token-id lists become tensors through one NumPy buffer
+# --------------------------------------------------------------------------------------------------
+
+
+class FakeTorchTensor:
+    """What the fake torch.from_numpy returns: the array's values, dtype, and the devices it went to."""
+
+    def __init__(self, array: Any, device: str = "cpu") -> None:
+        self.array, self.dtype, self.device = array, array.dtype, device
+
+    def to(self, device: str) -> FakeTorchTensor:
+        return FakeTorchTensor(self.array, device)
+
+    def tolist(self) -> list[int]:
+        return self.array.tolist()
+
+
+@pytest.fixture
+def fake_torch(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
+    pytest.importorskip("numpy")
+    return _module(monkeypatch, "torch", from_numpy=FakeTorchTensor)
+
+
+@pytest.mark.parametrize("tokens", [[1, 938, 938, 223, 31999], [], list(range(24_000)), (5, 6)])
+def test_token_id_tensor_keeps_values_as_int64(fake_torch: types.ModuleType, tokens: Any) -> None:
+    import numpy as np
+
+    tensor = vp.token_id_tensor(tokens)
+    assert tensor.tolist() == list(tokens)
+    assert tensor.dtype == np.int64
+
+
+def test_process_tokens_gets_a_tensor_for_a_list(fake_torch: types.ModuleType, fakes: Fakes,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    received: list[Any] = []
+
+    def process_tokens(self: Any, tokens: Any = None, hashes: Any = None, mask: Any = None) -> Iterator[Any]:
+        received.append(tokens)
+        yield from ()
+
+    fakes.SegmentTokenDatabase.process_tokens = process_tokens
+    _enable(monkeypatch, "tokens")
+    vp.register()
+    db = fakes.SegmentTokenDatabase(SEP)
+    list(db.process_tokens([7, 8, 9]))
+    list(db.process_tokens(tokens=[4, 5], mask=None))
+    already = FakeTorchTensor(__import__("numpy").array([1, 2]))
+    list(db.process_tokens(already))
+    list(db.process_tokens(hashes=[11], tokens=None))
+    assert [type(t).__name__ for t in received] == ["FakeTorchTensor", "FakeTorchTensor", "FakeTorchTensor",
+                                                    "NoneType"]
+    assert received[0].tolist() == [7, 8, 9] and received[1].tolist() == [4, 5]
+    assert received[2] is already  # a tensor is passed through untouched
+
+
+def test_blend_gets_its_tokens_on_the_device(fake_torch: types.ModuleType) -> None:
+    received: list[Any] = []
+
+    class LMCBlender:
+        def blend(self, tokens: Any, mask: Any = None, **kwargs: Any) -> str:
+            received.append((tokens, mask, kwargs))
+            return "blended"
+
+    module = types.SimpleNamespace(__name__=vp.MOD_BLENDER, LMCBlender=LMCBlender, torch_device_type="cuda")
+    vp._patch_blend_tokens(module)
+    vp._patch_blend_tokens(module)  # idempotent
+    assert LMCBlender().blend([3, 4, 5], "mask", slot_mapping="slots") == "blended"
+    tokens, mask, kwargs = received[0]
+    assert (tokens.tolist(), tokens.device, mask, kwargs) == ([3, 4, 5], "cuda", "mask", {"slot_mapping": "slots"})
+    already = FakeTorchTensor(__import__("numpy").array([1]), "cuda")
+    LMCBlender().blend(already)
+    assert received[1][0] is already
+
+
+# --------------------------------------------------------------------------------------------------
+# Fix 'lookup': the scheduler asks the LMCache engine of its own process directly
+# --------------------------------------------------------------------------------------------------
+
+
+class FakeLookupEngine:
+    def __init__(self, hit: int = 15_872, fail: bool = False) -> None:
+        self.hit, self.fail, self.calls = hit, fail, []
+
+    def lookup(self, **kwargs: Any) -> int:
+        self.calls.append(kwargs)
+        if self.fail:
+            raise RuntimeError("storage backend gone")
+        return self.hit
+
+
+class FakeEngineBuilder:
+    instances: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def get(cls, name: str) -> Any:
+        return cls.instances.get(name)
+
+
+class FakeChunkDb:
+    def process_tokens(self, tokens: Any, make_key: bool = True) -> Iterator[tuple[int, int, int]]:
+        assert make_key is False
+        for start in range(0, len(tokens), 256):
+            yield start, min(start + 256, len(tokens)), hash(tuple(tokens[start:start + 256]))
+
+
+def _lookup_client_cls() -> type:
+    class LMCacheLookupClient:
+        def __init__(self, enable_blending: bool = True, world_size: int = 1) -> None:
+            self.enable_blending = enable_blending
+            self.transport = types.SimpleNamespace(world_size=world_size)
+            self.token_database = FakeChunkDb()
+            self.reqs_status: dict[str, int] = {}
+            self.zmq_calls: list[tuple] = []
+
+        def lookup(self, token_ids: Any, lookup_id: str, request_configs: dict | None = None) -> int:
+            self.zmq_calls.append((list(token_ids), lookup_id, request_configs))
+            self.reqs_status[lookup_id] = 7
+            return 7
+
+    return LMCacheLookupClient
+
+
+@pytest.fixture
+def lookup_fakes(monkeypatch: pytest.MonkeyPatch) -> types.SimpleNamespace:
+    FakeEngineBuilder.instances = {}
+    for pkg in ("lmcache", "lmcache.integration", "lmcache.integration.vllm", "lmcache.v1",
+                "lmcache.v1.lookup_client"):
+        _module(monkeypatch, pkg)
+    _module(monkeypatch, vp.MOD_LMC_VLLM_UTILS, ENGINE_NAME=ENGINE_NAME)
+    _module(monkeypatch, vp.MOD_CACHE_ENGINE, LMCacheEngineBuilder=FakeEngineBuilder)
+    cls = _lookup_client_cls()
+    _module(monkeypatch, vp.MOD_LOOKUP_CLIENT, LMCacheLookupClient=cls)
+    _enable(monkeypatch, "lookup")
+    vp.register()
+    return types.SimpleNamespace(cls=cls)
+
+
+def test_lookup_calls_the_engine_of_this_process(lookup_fakes: types.SimpleNamespace) -> None:
+    engine = FakeEngineBuilder.instances[ENGINE_NAME] = FakeLookupEngine()
+    client = lookup_fakes.cls()
+    assert client.lookup((1, 2, 3), "req-1", {"lmcache.skip_save": True}) == 15_872
+    assert engine.calls == [{"tokens": [1, 2, 3], "lookup_id": "req-1", "pin": True,
+                             "request_configs": {"lmcache.skip_save": True}}]
+    assert client.reqs_status == {"req-1": 15_872}  # lookup_cache() answers from it, as after a ZMQ lookup
+    assert client.zmq_calls == []
+    client.lookup([4], "req-2", {})
+    assert engine.calls[1]["request_configs"] is None  # the server decodes "no configs" to None
+
+
+def test_lookup_without_blending_sends_chunk_hashes(lookup_fakes: types.SimpleNamespace) -> None:
+    engine = FakeEngineBuilder.instances[ENGINE_NAME] = FakeLookupEngine(hit=512)
+    client = lookup_fakes.cls(enable_blending=False)
+    tokens = list(range(600))
+    assert client.lookup(tokens, "req-1") == 512
+    (call,) = engine.calls
+    assert call["offsets"] == [256, 256, 88] and len(call["hashes"]) == 3 and call["pin"] is True
+    assert "tokens" not in call
+    assert client.lookup([], "req-2") == 0 and len(engine.calls) == 1
+
+
+@pytest.mark.parametrize("case", ["no engine here", "two workers", "engine fails"])
+def test_lookup_falls_back_to_the_lookup_server(lookup_fakes: types.SimpleNamespace, case: str,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    if case != "no engine here":
+        FakeEngineBuilder.instances[ENGINE_NAME] = FakeLookupEngine(fail=case == "engine fails")
+    client = lookup_fakes.cls(world_size=2 if case == "two workers" else 1)
+    with caplog.at_level(logging.WARNING, logger=vp.logger.name):
+        assert client.lookup([1, 2], "req-1") == 7
+    assert client.zmq_calls == [([1, 2], "req-1", None)]
+    assert client.reqs_status == {"req-1": 7}
+    warned = [r.getMessage() for r in caplog.records if "direct lookup failed" in r.getMessage()]
+    assert len(warned) == (1 if case == "engine fails" else 0)
