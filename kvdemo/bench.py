@@ -219,6 +219,21 @@ def gpu_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", words[0].lower()) if words else "gpu"
 
 
+def layout_text(result: dict) -> str:
+    """``2 engines on 1 GPU`` / ``4 engines on 2 GPUs`` from the result's ``gpu_layout``: the same bench
+    on one or on two GPUs must not look alike on a plot."""
+    layout = result.get("gpu_layout") or []
+    gpus = {slot.get("gpu") for slot in layout if slot.get("gpu") is not None}
+    if not layout or not gpus:
+        return ""
+    return f"{len(layout)} engines on {len(gpus)} GPU{'s' if len(gpus) > 1 else ''}"
+
+
+def _title_device(result: dict) -> str:
+    layout = layout_text(result)
+    return f"{result['device']} ({layout})" if layout else result["device"]
+
+
 def plot(result: dict, png: Path) -> None:
     import matplotlib
 
@@ -244,7 +259,7 @@ def plot(result: dict, png: Path) -> None:
     ax.set_xlabel("context tokens (thousands), 8 chunks")
     ax.set_ylabel("time to first token (s), median")
     v = result["versions"]
-    ax.set_title(f"{result['device']} · {result['model_shape']} ({result['weights']} weights)\n"
+    ax.set_title(f"{_title_device(result)} · {result['model_shape']} ({result['weights']} weights)\n"
                  f"vllm {v.get('vllm')} + lmcache {v.get('lmcache')}, torch {v.get('torch')}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -267,7 +282,7 @@ def plot_share(result: dict, png: Path, plt) -> None:
     ax.set_xticks(range(len(cases)), [f"{c['context_tokens'] / 1000:.0f}K tokens" for c in cases])
     ax.set_ylabel("time to first token (s), median")
     v = result["versions"]
-    ax.set_title(f"KV sharing · {result['device']} · {result['weights']} weights\n"
+    ax.set_title(f"KV sharing · {_title_device(result)} · {result['weights']} weights\n"
                  f"vllm {v.get('vllm')} + lmcache {v.get('lmcache')}", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The exact commands run on the lent GPU machine (one H100) for the committed results.
+# The exact commands run on the lent GPU machine (one H100, or two for the 2-GPU results) for the committed results.
 # Prerequisites there (../shared/GPU.md): wheels in /tmp/wstore; .gpu/install_on_device.sh and
 # .gpu/mistral7b-dummy (made with scripts/make_dummy_model.py) carried with the working tree.
 # Usage: bash scripts/gpu_run.sh STEP...   STEP = bench | profile | app | share | share-redis | offline
@@ -17,8 +17,9 @@ if [[ ! -f /tmp/site/kvdemo_done ]]; then
 fi
 export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 MODEL=.gpu/mistral7b-dummy
-# bench/profile/app: CUDA graphs, as users run vLLM; share/offline were measured with --enforce-eager
-# (four engines on one GPU start faster without graph capture). ENGINE_ARGS overrides both.
+# bench/profile/app/share: CUDA graphs, as users run vLLM (share-graphs-h100.json: four engines with graphs fit
+# one H100); share-redis/offline were measured with --enforce-eager. ENGINE_ARGS overrides both.
+# On a 2-GPU machine add --gpus 0 (BENCH_ARGS/SHARE_ARGS) for the one-GPU layout.
 GRAPH_ARGS=${ENGINE_ARGS-"--load-format dummy"}
 EAGER_ARGS=${ENGINE_ARGS-"--load-format dummy --enforce-eager"}
 QUESTION="Which section explains how names are bound, and what does it say?"
@@ -40,7 +41,7 @@ for step in "$@"; do
       keep_logs bench "$logs" "lmcache plain" ;;
     share)
       timeout ${SHARE_TIMEOUT:-400} python -m kvdemo.bench --scenario share --model $MODEL \
-        --engine-args "$EAGER_ARGS" --log-dir "$logs" --kv-store-dir /tmp/kvdemo-kv-store --clear-kv-store \
+        --engine-args "$GRAPH_ARGS" --log-dir "$logs" --kv-store-dir /tmp/kvdemo-kv-store --clear-kv-store \
         --contexts 8000,16000 --repeats 3 --decode-tokens 256 --skip-app-question ${SHARE_ARGS:-} 2>&1 \
         | tee "$TXT/share.txt" | grep -v " INFO "
       rc=$((rc | PIPESTATUS[0]))

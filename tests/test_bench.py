@@ -61,3 +61,16 @@ def test_simulated_results_never_go_to_benchmarks_results():
 def test_gpu_slug():
     assert bench.gpu_slug("NVIDIA H100 80GB HBM3") == "h100"
     assert bench.gpu_slug("NVIDIA H200") == "h200"
+
+
+@pytest.mark.parametrize(("layout", "text"), [
+    ([{"engine": "lmcache", "gpu": 0, "shared": True}, {"engine": "plain", "gpu": 0, "shared": True}],
+     "2 engines on 1 GPU"),
+    ([{"engine": "lmcache", "gpu": 0, "shared": False}, {"engine": "plain", "gpu": 1, "shared": False}],
+     "2 engines on 2 GPUs"),
+    ([{"engine": f"e{i}", "gpu": i % 2, "shared": True} for i in range(4)], "4 engines on 2 GPUs"),
+    ([{"engine": "lmcache", "gpu": None, "shared": False}], ""),  # simulated: no GPU
+    ([], ""),
+])
+def test_plot_titles_say_how_engines_sat_on_gpus(layout, text):
+    assert bench.layout_text({"gpu_layout": layout}) == text

@@ -19,8 +19,9 @@ from .session import MAX_TEMPERATURE, ChatState, EngineReply, speedup, stream_tu
 PANES = ("lmcache", "plain")
 WHY_LONG = ("Blending pays off on **long contexts**: it saves the prefill of reused chunks but costs a fixed "
             "~0.1 s to load and partly recompute them. Measured on one H100 (benchmarks/results/blend-h100.json): "
-            "about even with plain vLLM at 4K tokens (sometimes slower), 1.62× faster at 8K, 2.84× at 16K and "
-            "3.27× at 24K.")
+            "about even with plain vLLM at 4K tokens (sometimes slower), 1.70× faster at 8K, 3.03× at 16K and "
+            "3.44× at 24K; with each engine on its own GPU 3.51× at 16K and 3.71× at 24K "
+            "(benchmarks/results/blend-2gpu-h100.json).")
 CSS = """
 #speedup {font-size: 1.3em}
 .sim-banner {background: #fff3cd; color: #664d03; padding: 6px 12px; border-radius: 6px; font-weight: 600}
