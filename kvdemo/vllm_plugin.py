@@ -929,12 +929,23 @@ def _patch_direct_lookup(module: ModuleType) -> None:
                                type(exc).__name__, exc)
             else:
                 self.reqs_status[lookup_id] = result
+                _say_lookup_path_once(self, "in this process (no ZMQ round trip)")
                 return result
+        else:
+            _say_lookup_path_once(self, "through LMCache's lookup server (no LMCache engine of a single worker "
+                                        "in this process)")
         return original(self, token_ids, lookup_id, request_configs)
 
     cls.lookup = _mark(lookup, "lookup")
     logger.info("kvdemo plugin: applied lookup (%s.LMCacheLookupClient.lookup calls the engine of this process "
                 "when there is one)", module.__name__)
+
+
+def _say_lookup_path_once(client: Any, path: str) -> None:
+    """Log once per lookup client which path its lookups take, so an engine log shows whether the fix acted."""
+    if getattr(client, "_kvdemo_lookup_path", None) != path:
+        client._kvdemo_lookup_path = path
+        logger.info("kvdemo plugin: LMCache lookups go %s", path)
 
 
 def _engine_in_this_process(client: Any) -> Any:

@@ -867,16 +867,21 @@ def lookup_fakes(monkeypatch: pytest.MonkeyPatch) -> types.SimpleNamespace:
     return types.SimpleNamespace(cls=cls)
 
 
-def test_lookup_calls_the_engine_of_this_process(lookup_fakes: types.SimpleNamespace) -> None:
+def test_lookup_calls_the_engine_of_this_process(lookup_fakes: types.SimpleNamespace,
+                                                caplog: pytest.LogCaptureFixture) -> None:
     engine = FakeEngineBuilder.instances[ENGINE_NAME] = FakeLookupEngine()
     client = lookup_fakes.cls()
-    assert client.lookup((1, 2, 3), "req-1", {"lmcache.skip_save": True}) == 15_872
+    with caplog.at_level(logging.INFO, logger=vp.logger.name):
+        assert client.lookup((1, 2, 3), "req-1", {"lmcache.skip_save": True}) == 15_872
     assert engine.calls == [{"tokens": [1, 2, 3], "lookup_id": "req-1", "pin": True,
                              "request_configs": {"lmcache.skip_save": True}}]
     assert client.reqs_status == {"req-1": 15_872}  # lookup_cache() answers from it, as after a ZMQ lookup
     assert client.zmq_calls == []
-    client.lookup([4], "req-2", {})
+    with caplog.at_level(logging.INFO, logger=vp.logger.name):
+        client.lookup([4], "req-2", {})
     assert engine.calls[1]["request_configs"] is None  # the server decodes "no configs" to None
+    said = [r.getMessage() for r in caplog.records if "LMCache lookups go" in r.getMessage()]
+    assert said == ["kvdemo plugin: LMCache lookups go in this process (no ZMQ round trip)"]  # once, not per request
 
 
 def test_lookup_without_blending_sends_chunk_hashes(lookup_fakes: types.SimpleNamespace) -> None:
@@ -902,3 +907,13 @@ def test_lookup_falls_back_to_the_lookup_server(lookup_fakes: types.SimpleNamesp
     assert client.reqs_status == {"req-1": 7}
     warned = [r.getMessage() for r in caplog.records if "direct lookup failed" in r.getMessage()]
     assert len(warned) == (1 if case == "engine fails" else 0)
+
+
+def test_lookup_says_once_that_it_uses_the_lookup_server(lookup_fakes: types.SimpleNamespace,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    client = lookup_fakes.cls(world_size=2)
+    with caplog.at_level(logging.INFO, logger=vp.logger.name):
+        client.lookup([1], "req-1")
+        client.lookup([2], "req-2")
+    said = [r.getMessage() for r in caplog.records if "LMCache lookups go" in r.getMessage()]
+    assert len(said) == 1 and "through LMCache's lookup server" in said[0]
