@@ -46,6 +46,7 @@ TTFT_KEYS = ("plain_cold_ttft_s", "plain_prefix_hit_ttft_s", "plain_reordered_tt
              "blend_same_order_ttft_s", "blend_reordered_ttft_s")
 EVIDENCE_PATTERNS = ("Registering vllm model", "Creating blender", "kvdemo plugin: applied", "LMCache hit tokens",
                      "Number of indices picked", "Retrieved", "kvdemo-profile")
+B_LOAD_PATTERNS = ("Retrieved", "kvdemo pipeline:")
 
 
 def synthetic_chunks(builder: PromptBuilder, n: int, tokens_each: int, tag: str) -> list[list[int]]:
@@ -203,15 +204,27 @@ def versions() -> dict[str, str | None]:
 
 def evidence(runtime: Runtime, limit_per_pattern: int = 3) -> list[str]:
     """A few LMCache log lines from the 🚀 engine that show registration, blending and retrieval."""
-    proc = runtime.lmcache_engine.process
-    if proc is None:
-        return []
-    lines = proc.log_path.read_text(errors="replace").splitlines()
+    lines = _engine_log_lines(runtime.lmcache_engine)
     found = []
     for pattern in EVIDENCE_PATTERNS:
         hits = [ln.strip()[:300] for ln in lines if pattern in ln]
         found += hits[:limit_per_pattern] + (hits[-1:] if len(hits) > limit_per_pattern else [])
     return found
+
+
+def b_load_log(runtime: Runtime, limit: int = 40) -> list[str]:
+    """Share scenario: engine B's per-request load lines (LMCache's "Retrieved ..." or the plugin's
+    "kvdemo pipeline: ..."), which split B's TTFT into loading the shared store and the rest."""
+    engine = next((h for h in runtime.engines if h.spec.key == "lmcache_b"), None)
+    lines = _engine_log_lines(engine) if engine is not None else []
+    return [ln.strip()[:400] for ln in lines if any(p in ln for p in B_LOAD_PATTERNS)][-limit:]
+
+
+def _engine_log_lines(engine) -> list[str]:
+    proc = engine.process
+    if proc is None:
+        return []
+    return proc.log_path.read_text(errors="replace").splitlines()
 
 
 def gpu_slug(name: str) -> str:
@@ -403,6 +416,7 @@ def run(argv: list[str] | None = None) -> dict:
             "cases": cases,
             **({"traces": traces} if traces else {}),
             "evidence": evidence(runtime),
+            **({"b_load_log": b_load_log(runtime)} if share_scenario else {}),
         }
     finally:
         runtime.stop()

@@ -190,6 +190,9 @@ class SimulatedEngine:
                     self.store.add(h, self.chunk_size)
         per_token = c.shared_load_s_per_token if self.store.shared else c.load_s_per_token
         log.info("LMCache hit tokens: %d, need to load: %d (SIMULATED)", reused, reused)
+        if reused:
+            log.info("Retrieved %d tokens from the %s store in %.1f ms (SIMULATED)", reused,
+                     "shared" if self.store.shared else "local", reused * per_token * 1e3)
         return c.base_s + (len(ids) - reused) * c.prefill_s_per_token + reused * per_token, reused
 
 

@@ -19,10 +19,11 @@ Environment:
 ``KVDEMO_LMCACHE_PLUGIN=1``
     switch the plugin on (otherwise :func:`register` returns at once).
 ``KVDEMO_PLUGIN_FIXES``
-    comma list of fixes, default ``all`` = ``register,mistral,split,rope,sync,kernels,tokens,lookup,quiet``.
-    ``-name`` removes one (``all,-sync``), ``none`` applies nothing. ``register``/``mistral``/``split`` are
-    needed for blending to work at all; ``rope``/``sync``/``kernels``/``tokens``/``lookup``/``quiet`` are
-    speed fixes a benchmark can switch off.
+    comma list of fixes, default ``all`` =
+    ``register,mistral,split,rope,sync,kernels,tokens,lookup,pipeline,quiet``. ``-name`` removes one
+    (``all,-sync``), ``none`` applies nothing. ``register``/``mistral``/``split`` are needed for blending to
+    work at all; the others are speed fixes a benchmark can switch off (``pipeline`` acts on the KV-sharing
+    scenario's loads from the shared store, the rest on blending).
 ``KVDEMO_PROFILE=1``
     log one ``kvdemo-profile: ...`` line per engine step that did LMCache work, with CUDA-synchronized
     per-phase times (adds synchronizations: use it for a breakdown, never for TTFT numbers).
@@ -45,10 +46,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+from kvdemo import pipelined_load
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +63,7 @@ ENV_TRACE_DIR = "KVDEMO_TRACE_DIR"
 TRACE_ARM_FILE = "arm"
 
 ALL_FIXES: tuple[str, ...] = ("register", "mistral", "split", "rope", "sync", "kernels", "tokens", "lookup",
-                              "quiet")
+                              "pipeline", "quiet")
 
 # vLLM model classes that LMCache's Llama path (LMCLlamaModel) computes correctly. vLLM 0.22's
 # MistralForCausalLM subclasses its LlamaForCausalLM with the same submodule names
@@ -67,9 +71,9 @@ ALL_FIXES: tuple[str, ...] = ("register", "mistral", "split", "rope", "sync", "k
 # checked per model below.
 LLAMA_LIKE_CLASS_NAMES: tuple[str, ...] = ("MistralForCausalLM",)
 
-# The sync fix replaces a whole LMCache method with an edited copy, so it is only applied to the
-# LMCache versions whose source the copy was taken from.
-SYNC_FIX_LMCACHE_VERSIONS: tuple[str, ...] = ("0.5.3",)
+# The sync and pipeline fixes replace whole LMCache methods with edited copies, so they are only applied
+# to the LMCache versions whose source the copies were taken from.
+COPIED_LMCACHE_VERSIONS: tuple[str, ...] = ("0.5.3",)
 
 # Marker attribute set on every function this plugin installs (value: the fix name). A patch whose
 # target already carries it is skipped, so register() and the import hooks are idempotent even if this
@@ -162,6 +166,7 @@ def _module_patches() -> dict[str, tuple[tuple[str, Callable[[ModuleType], None]
         "kernels": ((MOD_BLENDER, _patch_blend_kernels),),
         "tokens": ((MOD_TOKEN_DB, _patch_process_tokens), (MOD_BLENDER, _patch_blend_tokens)),
         "lookup": ((MOD_LOOKUP_CLIENT, _patch_direct_lookup),),
+        "pipeline": ((MOD_CACHE_ENGINE, _patch_pipelined_retrieve),),
     }
 
 
@@ -560,6 +565,16 @@ def _lmcache_version() -> str | None:
         return None
 
 
+def _copied_version_matches(fix: str, what: str) -> bool:
+    """Whether LMCache here is a version whose ``what`` the fix copied (else warn: not applied)."""
+    version = _lmcache_version()
+    if version in COPIED_LMCACHE_VERSIONS:
+        return True
+    logger.warning("kvdemo plugin: fix '%s' is a copy of lmcache %s's %s; lmcache here is %s, so it is not "
+                   "applied", fix, "/".join(COPIED_LMCACHE_VERSIONS), what, version)
+    return False
+
+
 def _patch_batched_to_gpu(module: ModuleType) -> None:
     """Replace ``VLLMBufferLayerwiseGPUConnector.batched_to_gpu`` with a copy that uses stream waits.
 
@@ -586,10 +601,7 @@ def _patch_batched_to_gpu(module: ModuleType) -> None:
     if found is None:
         return
     cls, original = found
-    version = _lmcache_version()
-    if version not in SYNC_FIX_LMCACHE_VERSIONS:
-        logger.warning("kvdemo plugin: fix 'sync' is a copy of lmcache %s's batched_to_gpu; lmcache here is "
-                       "%s, so it is not applied", "/".join(SYNC_FIX_LMCACHE_VERSIONS), version)
+    if not _copied_version_matches("sync", "VLLMBufferLayerwiseGPUConnector.batched_to_gpu"):
         return
     replacement = _make_batched_to_gpu(module)
     annotate = getattr(module, "_lmcache_nvtx_annotate", None)
@@ -981,6 +993,115 @@ def _direct_lookup(client: Any, engine: Any, token_ids: Any, lookup_id: str, req
         return 0
     return int(engine.lookup(hashes=hashes, offsets=offsets, lookup_id=lookup_id, pin=True,
                              request_configs=configs))
+
+
+# --------------------------------------------------------------------------------------------------
+# Speed fix 9: a retrieve from the shared store copies chunks to the GPU while the next ones are read
+# --------------------------------------------------------------------------------------------------
+
+
+def _patch_pipelined_retrieve(module: ModuleType) -> None:
+    """Wrap ``LMCacheEngine.retrieve`` (the non-layerwise load of the KV-sharing scenario) to pipeline it.
+
+    WHY: engine B of the share scenario loads 2 GB at 16K tokens from the file-system store; LMCache
+    0.5.3 reads every chunk and only then copies them all to the GPU. :mod:`kvdemo.pipelined_load`
+    copies each group of chunks while later groups are read, with the same prefix, stats and release
+    rules. Configurations it does not cover (async loading, first-rank-only saving, remove-after-retrieve,
+    passive ranks, an unhealthy engine) take LMCache's own retrieve unchanged.
+    """
+    found = _unpatched(module, "LMCacheEngine.retrieve", "pipeline")
+    if found is None or not _copied_version_matches("pipeline", "LMCacheEngine.retrieve"):
+        return
+    cls, original = found
+
+    @functools.wraps(original)
+    def retrieve(self: Any, tokens: Any, mask: Any = None, **kwargs: Any) -> Any:
+        if not _pipeline_applies(self):
+            return original(self, tokens, mask, **kwargs)
+        return _pipelined_retrieve(self, tokens, mask, kwargs)
+
+    cls.retrieve = _mark(retrieve, "pipeline")
+    logger.info("kvdemo plugin: applied pipeline (%s.LMCacheEngine.retrieve copies each group of %d chunks to "
+                "the GPU while the next groups are read)", module.__name__, pipelined_load.DEFAULT_GROUP_CHUNKS)
+
+
+def _pipeline_applies(engine: Any) -> bool:
+    """Whether this retrieve is one the pipelined path reproduces exactly (else LMCache's own runs)."""
+    if engine.gpu_connector is None or engine.storage_manager is None or not engine.is_healthy():
+        return False
+    return not any(getattr(engine, flag, False)
+                   for flag in ("async_loading", "save_only_first_rank", "remove_after_retrieve", "use_layerwise"))
+
+
+class _EngineChunkIO:
+    """:class:`kvdemo.pipelined_load.ChunkIO` over an LMCacheEngine, for one retrieve call."""
+
+    def __init__(self, engine: Any, kwargs: dict) -> None:
+        self.engine, self.kwargs = engine, kwargs
+
+    def fetch(self, keys: list[Any], location: str) -> list[Any]:
+        return self.engine.storage_manager.batched_get(keys=keys, location=location)
+
+    def to_gpu(self, objs: list[Any], starts: list[int], ends: list[int]) -> None:
+        self.engine.gpu_connector.batched_to_gpu(objs, starts, ends, **self.kwargs)
+
+    def size(self, obj: Any) -> int:
+        return int(obj.get_size())
+
+    def release_copied(self, obj: Any) -> None:
+        if obj.is_pinned:
+            obj.unpin()
+        obj.ref_count_down()
+
+    def release_unused(self, obj: Any) -> None:
+        obj.ref_count_down()
+
+
+def _retrieve_block_mapping(engine: Any, tokens: Any, mask: Any, kwargs: dict) -> list[tuple[str, list[Any]]]:
+    """(location, [(key, start, end)]) in token order, exactly as LMCache's ``_process_tokens_internal``."""
+    chunk_infos = [(key, start, end) for start, end, key in engine.token_database.process_tokens(
+        tokens=tokens, mask=mask, request_configs=kwargs.get("request_configs"))]
+    pins = engine.lookup_pins.get(kwargs["req_id"]) if "req_id" in kwargs else None
+    if pins is not None and len(pins) == 1:
+        return [(next(iter(pins)), chunk_infos)]
+    return list(engine.storage_manager.get_block_mapping(chunk_infos).items())
+
+
+def _retrieve_readers(engine: Any) -> ThreadPoolExecutor:
+    """The engine's reader threads (created on its first pipelined retrieve)."""
+    readers = getattr(engine, "_kvdemo_readers", None)
+    if readers is None:
+        readers = ThreadPoolExecutor(pipelined_load.DEFAULT_READERS, thread_name_prefix="kvdemo-kv-read")
+        engine._kvdemo_readers = readers
+    return readers
+
+
+def _pipelined_retrieve(engine: Any, tokens: Any, mask: Any, kwargs: dict) -> Any:
+    """LMCache's retrieve with reads and host→device copies overlapped; returns the same CPU bool mask."""
+    import torch  # only ever called inside a vLLM worker
+
+    req_id = kwargs.get("req_id", "unspecified")
+    num_required = int(torch.sum(mask).item()) if mask is not None else len(tokens)
+    check_log = getattr(engine, "_log_kvcache_for_check", None)  # LMCache's optional "KVCache Check" lines
+    if check_log is not None:
+        check_log(operation="retrieve", kwargs=kwargs, token_count=num_required, require_req_id=True)
+    stats = engine.stats_monitor.on_retrieve_request(num_required)
+    ret_mask = torch.zeros(len(tokens), dtype=torch.bool, device="cpu")
+    with torch.inference_mode():  # as LMCache's retrieve (a decorator there)
+        report = pipelined_load.load_in_groups(_retrieve_block_mapping(engine, tokens, mask, kwargs),
+                                               _EngineChunkIO(engine, kwargs), _retrieve_readers(engine))
+    for _, start, end in report.loaded:
+        ret_mask[start:end] = True
+    stats.process_tokens_time += report.total_s - report.copy_s
+    stats.to_gpu_time += report.copy_s
+    retrieved = torch.sum(ret_mask)
+    engine.stats_monitor.on_retrieve_finished(stats, retrieved)
+    logger.info("kvdemo pipeline: [req_id=%s] retrieved %d of %d required tokens (%.3f GB) in %.1f ms "
+                "(%.1f GB/s), %d groups; waited %.1f ms for reads, %.1f ms copying to the GPU", req_id,
+                int(retrieved), num_required, report.bytes_loaded / 1e9, report.total_s * 1e3,
+                report.bytes_loaded / report.total_s / 1e9 if report.total_s > 0 else 0.0, report.groups,
+                report.wait_s * 1e3, report.copy_s * 1e3)
+    return ret_mask
 
 
 # --------------------------------------------------------------------------------------------------

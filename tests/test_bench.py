@@ -51,6 +51,9 @@ def test_share_bench_measures_b_after_a(tmp_path):
     assert SHARE_CASE_KEYS <= set(case)
     assert case["b_after_a_ttft_s"] < case["a_cold_ttft_s"]
     assert all(r["b_cached_tokens"] > 0.9 * r["context_tokens"] for r in case["repeats"])
+    # engine B's load lines travel with the result (one per request B answered from the shared store)
+    assert any("Retrieved" in line and "shared store" in line and "SIMULATED" in line
+               for line in written["b_load_log"])
 
 
 def test_simulated_results_never_go_to_benchmarks_results():

@@ -6,9 +6,11 @@ put in ``sys.modules``; one test writes a fake package to disk to exercise the p
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import textwrap
+import threading
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -917,3 +919,174 @@ def test_lookup_says_once_that_it_uses_the_lookup_server(lookup_fakes: types.Sim
         client.lookup([2], "req-2")
     said = [r.getMessage() for r in caplog.records if "LMCache lookups go" in r.getMessage()]
     assert len(said) == 1 and "through LMCache's lookup server" in said[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Fix 'pipeline': LMCacheEngine.retrieve copies groups of chunks while the next ones are read
+# --------------------------------------------------------------------------------------------------
+
+
+class FakeMemObj:
+    def __init__(self, key: str) -> None:
+        self.key, self.is_pinned, self.unpins, self.refs_down = key, True, 0, 0
+
+    def get_size(self) -> int:
+        return 1000
+
+    def unpin(self) -> None:
+        self.unpins += 1
+        self.is_pinned = False
+
+    def ref_count_down(self) -> None:
+        self.refs_down += 1
+
+
+class FakeStorageManager:
+    def __init__(self, missing: set[str] = frozenset()) -> None:
+        self.missing, self.gets, self.objs, self.mapping_calls = missing, [], [], 0
+        self.lock = threading.Lock()
+
+    def batched_get(self, keys: list[str], location: str) -> list[FakeMemObj | None]:
+        objs = [None if k in self.missing else FakeMemObj(k) for k in keys]
+        with self.lock:
+            self.gets.append((location, list(keys)))
+            self.objs += [o for o in objs if o is not None]
+        return objs
+
+    def get_block_mapping(self, chunk_infos: list) -> dict:
+        self.mapping_calls += 1
+        return {"LocalCPUBackend": chunk_infos[:2], "RemoteBackend": chunk_infos[2:]}
+
+
+class FakeChunkConnector:
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[str], list[int], list[int], dict]] = []
+
+    def batched_to_gpu(self, memory_objs: list, starts: list[int], ends: list[int], **kwargs: Any) -> None:
+        self.calls.append(([o.key for o in memory_objs], starts, ends, kwargs))
+
+
+class FakeRetrieveStats:
+    process_tokens_time = 0.0
+    to_gpu_time = 0.0
+
+
+class FakeStatsMonitor:
+    def __init__(self) -> None:
+        self.requests: list[int] = []
+        self.finished: list[tuple[FakeRetrieveStats, int]] = []
+
+    def on_retrieve_request(self, num_tokens: int) -> FakeRetrieveStats:
+        self.requests.append(num_tokens)
+        return FakeRetrieveStats()
+
+    def on_retrieve_finished(self, stats: FakeRetrieveStats, retrieved: Any) -> None:
+        self.finished.append((stats, int(retrieved)))
+
+
+class FakeKeyDb:
+    def process_tokens(self, tokens: Any, mask: Any = None, request_configs: Any = None) -> Iterator[tuple]:
+        first = 0 if mask is None else int(len(mask) - mask.sum())
+        for start in range(first, len(tokens), 256):
+            yield start, min(start + 256, len(tokens)), f"c{start // 256}"
+
+
+def _cache_engine_cls() -> type:
+    class LMCacheEngine:
+        def __init__(self, **flags: Any) -> None:
+            self.gpu_connector, self.storage_manager = FakeChunkConnector(), FakeStorageManager()
+            self.token_database, self.stats_monitor = FakeKeyDb(), FakeStatsMonitor()
+            self.lookup_pins: dict[str, dict] = {}
+            self.async_loading = self.save_only_first_rank = self.remove_after_retrieve = False
+            self.use_layerwise = False
+            self.healthy = True
+            self.original_calls = 0
+            self.__dict__.update(flags)
+
+        def is_healthy(self) -> bool:
+            return self.healthy
+
+        def retrieve(self, tokens: Any, mask: Any = None, **kwargs: Any) -> str:
+            self.original_calls += 1
+            return "lmcache's own retrieve"
+
+    return LMCacheEngine
+
+
+@pytest.fixture
+def pipeline_engine_cls(monkeypatch: pytest.MonkeyPatch) -> type:
+    np = pytest.importorskip("numpy")
+    _module(monkeypatch, "torch", zeros=lambda n, dtype=None, device=None: np.zeros(n, dtype=dtype),
+            bool=bool, sum=lambda a: np.int64(a.sum()), inference_mode=contextlib.nullcontext)
+    for pkg in ("lmcache", "lmcache.v1"):
+        _module(monkeypatch, pkg)
+    cls = _cache_engine_cls()
+    _module(monkeypatch, vp.MOD_CACHE_ENGINE, LMCacheEngine=cls)
+    monkeypatch.setattr(vp, "_lmcache_version", lambda: "0.5.3")
+    _enable(monkeypatch, "pipeline")
+    vp.register()
+    return cls
+
+
+def test_pipeline_loads_a_pinned_remote_request_in_groups(pipeline_engine_cls: type) -> None:
+    import numpy as np
+
+    engine = pipeline_engine_cls()
+    engine.lookup_pins["req-1"] = {"RemoteBackend": ["..."]}
+    tokens = list(range(20 * 256 + 100))
+    kwargs = {"kvcaches": "KV", "slot_mapping": "SLOTS", "vllm_cached_tokens": 0, "req_id": "req-1"}
+    mask = engine.retrieve(tokens, None, **kwargs)
+    assert isinstance(mask, np.ndarray) and mask.dtype == bool and mask.all()
+    sm, conn = engine.storage_manager, engine.gpu_connector
+    assert sm.mapping_calls == 0  # the lookup's pins name the location, as in LMCache
+    assert [len(keys) for loc, keys in sm.gets] == [8, 8, 5] and {loc for loc, _ in sm.gets} == {"RemoteBackend"}
+    assert [c[0] for c in conn.calls] == [[f"c{i}" for i in r] for r in (range(8), range(8, 16), range(16, 21))]
+    assert conn.calls[2][1][-1] == 20 * 256 and conn.calls[2][2][-1] == len(tokens)
+    assert all(c[3] == kwargs for c in conn.calls)
+    assert all(o.unpins == 1 and o.refs_down == 1 for o in sm.objs) and len(sm.objs) == 21
+    (stats, retrieved), = engine.stats_monitor.finished
+    assert engine.stats_monitor.requests == [len(tokens)] and retrieved == len(tokens)
+    assert stats.to_gpu_time > 0 and engine.original_calls == 0
+
+
+def test_pipeline_keeps_the_readable_prefix_across_locations(pipeline_engine_cls: type) -> None:
+    import numpy as np
+
+    engine = pipeline_engine_cls()
+    engine.storage_manager.missing = {"c4"}
+    tokens = list(range(10 * 256))
+    mask = np.zeros(len(tokens), dtype=bool)
+    mask[512:] = True  # the first two chunks are in vLLM's prefix cache already
+    ret = engine.retrieve(tokens, mask, req_id="req-2")
+    assert engine.storage_manager.mapping_calls == 1
+    assert engine.stats_monitor.requests == [len(tokens) - 512]
+    assert ret[512:1024].all() and not ret[1024:].any() and not ret[:512].any()
+    assert [c[0] for c in engine.gpu_connector.calls] == [["c2", "c3"]]
+    assert all(o.refs_down == 1 for o in engine.storage_manager.objs)
+
+
+@pytest.mark.parametrize("flag", ["async_loading", "save_only_first_rank", "remove_after_retrieve", "use_layerwise"])
+def test_pipeline_leaves_other_configurations_to_lmcache(pipeline_engine_cls: type, flag: str) -> None:
+    engine = pipeline_engine_cls(**{flag: True})
+    assert engine.retrieve([1, 2, 3], None, req_id="r") == "lmcache's own retrieve"
+    assert engine.storage_manager.gets == [] and engine.original_calls == 1
+
+
+def test_pipeline_leaves_an_unhealthy_engine_to_lmcache(pipeline_engine_cls: type) -> None:
+    engine = pipeline_engine_cls(healthy=False)
+    assert engine.retrieve([1, 2, 3]) == "lmcache's own retrieve"
+
+
+def test_pipeline_needs_the_copied_lmcache_version(monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    for pkg in ("lmcache", "lmcache.v1"):
+        _module(monkeypatch, pkg)
+    cls = _cache_engine_cls()
+    original = cls.retrieve
+    _module(monkeypatch, vp.MOD_CACHE_ENGINE, LMCacheEngine=cls)
+    monkeypatch.setattr(vp, "_lmcache_version", lambda: "0.6.0")
+    _enable(monkeypatch, "pipeline")
+    with caplog.at_level(logging.INFO, logger=vp.logger.name):
+        vp.register()
+    assert cls.retrieve is original
+    assert any(r.levelno == logging.WARNING and "'pipeline'" in r.getMessage() for r in caplog.records)
