@@ -1007,7 +1007,9 @@ def _patch_pipelined_retrieve(module: ModuleType) -> None:
     0.5.3 reads every chunk and only then copies them all to the GPU. :mod:`kvdemo.pipelined_load`
     copies each group of chunks while later groups are read, with the same prefix, stats and release
     rules. Configurations it does not cover (async loading, first-rank-only saving, remove-after-retrieve,
-    passive ranks, an unhealthy engine) take LMCache's own retrieve unchanged.
+    passive ranks, an unhealthy engine) take LMCache's own retrieve unchanged. Measured on one H100 (A/B on
+    one machine, with share.yaml's ``use_exists_sync``): a 16K load 106-172 ms -> 89-114 ms, B's TTFT
+    0.20 s -> 0.14-0.16 s; the copy (68-96 ms) is what remains, the reads of later groups are hidden.
     """
     found = _unpatched(module, "LMCacheEngine.retrieve", "pipeline")
     if found is None or not _copied_version_matches("pipeline", "LMCacheEngine.retrieve"):
