@@ -38,6 +38,7 @@ def test_store_config_points_lmcache_at_the_store(tmp_path):
     data = yaml.safe_load(path.read_text())
     assert data["remote_url"] == store.remote_url
     assert data["chunk_size"] == 256 and not data.get("enable_blending", False)
+    assert data["extra_config"] == {"use_exists_sync": True}  # kept: lookups check the store without a loop hop
 
 
 def test_redis_store_passes_through_and_other_urls_are_refused(tmp_path):

@@ -441,6 +441,16 @@ def test_rope_cache_moves_to_device_once(fakes: Fakes, monkeypatch: pytest.Monke
     assert rope.cos_sin_cache.device == "cuda:0"
 
 
+def _register_warns_of_version(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, version: str,
+                               fix: str) -> bool:
+    """Register only ``fix`` with LMCache reporting ``version``; whether the plugin warned about that fix."""
+    monkeypatch.setattr(vp, "_lmcache_version", lambda: version)
+    _enable(monkeypatch, fix)
+    with caplog.at_level(logging.INFO, logger=vp.logger.name):
+        vp.register()
+    return any(r.levelno == logging.WARNING and f"'{fix}'" in r.getMessage() for r in caplog.records)
+
+
 def test_sync_fix_needs_the_copied_lmcache_version(fakes: Fakes, monkeypatch: pytest.MonkeyPatch,
                                                    caplog: pytest.LogCaptureFixture) -> None:
     def batched_to_gpu(self: Any, starts: list[int], ends: list[int], **kwargs: Any) -> Iterator[None]:
@@ -452,12 +462,8 @@ def test_sync_fix_needs_the_copied_lmcache_version(fakes: Fakes, monkeypatch: py
                      MemoryFormat=object(), LMCBlenderBuilder=object(), logger=logging.getLogger("x"))
     _module(monkeypatch, "lmcache.v1.gpu_connector")
 
-    monkeypatch.setattr(vp, "_lmcache_version", lambda: "0.5.6")
-    _enable(monkeypatch, "sync")
-    with caplog.at_level(logging.INFO, logger=vp.logger.name):
-        vp.register()
+    assert _register_warns_of_version(monkeypatch, caplog, "0.5.6", "sync")
     assert connector.batched_to_gpu is batched_to_gpu
-    assert any(r.levelno == logging.WARNING and "'sync'" in r.getMessage() for r in caplog.records)
 
     vp._reset_for_tests()
     monkeypatch.setattr(vp, "_lmcache_version", lambda: "0.5.3")
@@ -1084,9 +1090,5 @@ def test_pipeline_needs_the_copied_lmcache_version(monkeypatch: pytest.MonkeyPat
     cls = _cache_engine_cls()
     original = cls.retrieve
     _module(monkeypatch, vp.MOD_CACHE_ENGINE, LMCacheEngine=cls)
-    monkeypatch.setattr(vp, "_lmcache_version", lambda: "0.6.0")
-    _enable(monkeypatch, "pipeline")
-    with caplog.at_level(logging.INFO, logger=vp.logger.name):
-        vp.register()
+    assert _register_warns_of_version(monkeypatch, caplog, "0.6.0", "pipeline")
     assert cls.retrieve is original
-    assert any(r.levelno == logging.WARNING and "'pipeline'" in r.getMessage() for r in caplog.records)
