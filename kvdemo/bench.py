@@ -38,6 +38,7 @@ from .errors import UserFacingError
 from .main import _raise_exit, headless
 from .preflight import detect_gpus
 from .prompts import PromptBuilder
+from .quality_bench import add_quality_flags, quoted_argv, run_quality
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -330,6 +331,7 @@ def build_bench_parser() -> argparse.ArgumentParser:
                    help="after the cases, trace one extra blended request per context size with the torch "
                         "profiler inside the LMCache engine (real engines only); writes <name>-<gpu>-trace-"
                         "<ctx>.json.gz next to the result and a summary into it")
+    add_quality_flags(p)
     return p
 
 
@@ -342,6 +344,9 @@ def run(argv: list[str] | None = None) -> dict:
         return result
     a.no_ui, a.ask = True, a.ask or "Which section explains name binding?"
     settings = settings_from_args(a)
+    if a.quality:
+        a.name = a.name or "quality"
+        return run_quality(a, settings, quoted_argv(argv))
     out = Path(a.out)
     if settings.simulate and out.resolve() == (REPO_ROOT / "benchmarks" / "results").resolve():
         raise UserFacingError("benchmarks/results holds GPU measurements only: give --out for a SIMULATED run.")

@@ -115,6 +115,24 @@ class EngineClient:
         assert stats is not None
         return "".join(parts), stats
 
+    async def scored(self, prompt_ids: list[int], max_tokens: int, top_k: int = 20,
+                     skip_save: bool = False) -> tuple[list[str], list[dict[str, float]]]:
+        """Greedy answer of exactly max_tokens tokens with each token's top-k log-probs (quality benchmark).
+
+        Tokens come back as ``token_id:N`` (``return_tokens_as_token_ids``) so both engines are compared on
+        ids, not on detokenized text; vLLM 0.22 caps top-k at 20.
+        """
+        extra: dict = {"prompt": prompt_ids, "return_tokens_as_token_ids": True, "ignore_eos": True}
+        if skip_save:
+            extra["kv_transfer_params"] = {"lmcache.skip_save": True}
+        completion = await self._call(self._client.completions.create(
+            model=await self.model(), prompt=[], max_tokens=max_tokens, temperature=0.0, logprobs=top_k,
+            extra_body=extra))
+        lp = completion.choices[0].logprobs
+        if lp is None or not lp.tokens or lp.top_logprobs is None:
+            raise EngineError(f"{self.label} returned no log-probs.", self.key)
+        return list(lp.tokens), [dict(entry or {}) for entry in lp.top_logprobs]
+
     async def _call(self, awaitable):
         try:
             return await awaitable

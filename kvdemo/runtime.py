@@ -55,8 +55,10 @@ class EngineHandle:
 
 
 class Runtime:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, specs: list[EngineSpec] | None = None) -> None:
+        """``specs``: run these engines instead of the scenario's (the quality benchmark's engine set)."""
         self.settings = settings
+        self._specs = specs
         self.library = ChunkLibrary.load(settings.data_dir)
         self.kv_store = KvStore.from_settings(settings.kv_store_dir, settings.kv_store)
         self.engines: list[EngineHandle] = []
@@ -76,6 +78,8 @@ class Runtime:
     def plan(self) -> list[EngineSpec]:
         """Engine specs without touching the machine beyond listing GPUs (what --dry-run prints)."""
         s = self.settings
+        if self._specs is not None:
+            return self._specs
         if s.simulate or s.attach:
             gpus: list[int] = []
         elif s.dry_run and (s.gpus or not detect_gpus()):

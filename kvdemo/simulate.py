@@ -20,6 +20,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 import random
 import time
 from array import array
@@ -141,6 +142,11 @@ class SimulatedEngine:
         self.max_model_len = max_model_len
         self.prefix_blocks: set[str] = set()
 
+    @property
+    def blend_noise(self) -> float:
+        """How far a blended answer's simulated log-probs drift: none when every token is recomputed."""
+        return 0.3 * (1.0 - self.costs.recompute_ratio) if self.mode == "lmcache" and self.blending else 0.0
+
     def prefill_seconds(self, ids: list[int], save: bool) -> tuple[float, int]:
         """Simulated prefill time and how many prompt tokens were reused from cache."""
         c = self.costs
@@ -240,6 +246,13 @@ def build_app(engine: SimulatedEngine, model_name: str):
             return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
                     "choices": choices, "usage": usage}
 
+        if body.get("logprobs") is not None:  # the quality benchmark's scored, non-streamed answers
+            scored = simulated_logprobs(prompt, max_tokens, int(body["logprobs"]),
+                                        blend_noise=engine.blend_noise if reused else 0.0)
+            usage = {"prompt_tokens": len(prompt), "completion_tokens": max_tokens,
+                     "total_tokens": len(prompt) + max_tokens, "prompt_tokens_details": {"cached_tokens": reused}}
+            return {**chunk("".join(words), "length"), "choices": [
+                {"index": 0, "text": "[SIMULATED]", "finish_reason": "length", "logprobs": scored}], "usage": usage}
         usage = {"prompt_tokens": len(prompt), "completion_tokens": len(words),
                  "total_tokens": len(prompt) + len(words),
                  "prompt_tokens_details": {"cached_tokens": reused}}
@@ -276,6 +289,32 @@ def _answer_words(prompt: list[int], max_tokens: int, ignore_eos: bool) -> list[
     return [(" " if i else "") + w for i, w in enumerate(words[:n])]
 
 
+def simulated_logprobs(prompt: list[int], n_tokens: int, top_k: int, blend_noise: float = 0.0) -> dict:
+    """Deterministic top-k log-probs per generated token, as vLLM returns them with token ids.
+
+    Each step's distribution depends on the prompt and the tokens so far; a blended prompt perturbs it by
+    ``blend_noise`` (more for a lower recompute ratio), so the quality benchmark's plumbing sees a
+    difference where a real blend would make one. Every number is SIMULATED.
+    """
+    tokens, top = [], []
+    context = list(prompt)
+    for _ in range(n_tokens):
+        rng = random.Random(_hash(context[-64:] + [len(context)]))
+        ids = rng.sample(range(1000, 30000), top_k)
+        logits = sorted((rng.gauss(0, 2.0) for _ in ids), reverse=True)
+        if blend_noise:
+            noise = random.Random(_hash(context[-64:]) + "blend")
+            logits = [x + noise.gauss(0, blend_noise) for x in logits]
+        norm = math.log(sum(math.exp(x) for x in logits) + 1.0)  # +1: mass outside the top-k
+        entry = {f"token_id:{t}": x - norm for t, x in zip(ids, logits)}
+        best = max(entry, key=entry.__getitem__)
+        tokens.append(best)
+        top.append(entry)
+        context.append(int(best.split(":")[1]))
+    return {"tokens": tokens, "token_logprobs": [e[t] for t, e in zip(tokens, top)], "top_logprobs": top,
+            "text_offset": list(range(n_tokens))}
+
+
 def lmcache_settings(model: str, config_path: Path | None) -> dict:
     """What the simulator takes from an LMCache yaml: separator ids (as LMCache computes them: encode,
     drop the first id), whether blending is on, and the chunk size."""
@@ -287,8 +326,10 @@ def lmcache_settings(model: str, config_path: Path | None) -> dict:
 
         data = yaml.safe_load(config_path.read_text()) or {}
     sep = data.get("blend_special_str", DEFAULT_SEPARATOR)
+    ratios = data.get("blend_recompute_ratios") or [0.15]
     return {"sep_ids": list(load_tokenizer(model).encode(sep))[1:],
-            "blending": bool(data.get("enable_blending", False)), "chunk_size": int(data.get("chunk_size", 256))}
+            "blending": bool(data.get("enable_blending", False)), "chunk_size": int(data.get("chunk_size", 256)),
+            "recompute_ratio": float(ratios[0])}
 
 
 def main() -> None:
@@ -308,7 +349,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     tokenizer_source = str(SIM_TOKENIZER_DIR) if a.model == DEFAULT_MODEL else a.model
     lmc = lmcache_settings(tokenizer_source, a.lmcache_config)
-    engine = SimulatedEngine(a.mode, lmc["sep_ids"], CostModel(speed=a.speed),
+    engine = SimulatedEngine(a.mode, lmc["sep_ids"], CostModel(speed=a.speed, recompute_ratio=lmc["recompute_ratio"]),
                              SegmentStore(a.store_dir, a.store_url, a.model),
                              a.max_model_len, blending=lmc["blending"], chunk_size=lmc["chunk_size"])
     log.info("SIMULATED %s engine for %s on port %d", a.mode, a.model, a.port)

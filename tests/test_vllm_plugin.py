@@ -1092,3 +1092,155 @@ def test_pipeline_needs_the_copied_lmcache_version(monkeypatch: pytest.MonkeyPat
     _module(monkeypatch, vp.MOD_CACHE_ENGINE, LMCacheEngine=cls)
     assert _register_warns_of_version(monkeypatch, caplog, "0.6.0", "pipeline")
     assert cls.retrieve is original
+
+
+# --------------------------------------------------------------------------------------------------
+# Answer fix: the exact causal mask of the recomputed tokens (kvdemo.blend_mask does the torch part)
+# --------------------------------------------------------------------------------------------------
+
+
+class FakeAttnMetadata:
+    """lmcache 0.5.3 LMCFlashAttnMetadata: update_from_top_indices only shrinks the query side."""
+
+    def __init__(self, seq_len: int) -> None:
+        self.max_seq_len = seq_len
+        self.max_query_len = seq_len
+
+    def update_from_top_indices(self, top_indices: list[int]) -> None:
+        self.max_query_len = len(top_indices)
+
+
+class FakeRows:
+    """Just enough of a tensor for the backend wrapper: a row count and copy_."""
+
+    def __init__(self, rows: int, tag: str = "") -> None:
+        self.shape = (rows, 2, 4)
+        self.tag = tag
+
+    def copy_(self, other: FakeRows) -> FakeRows:
+        self.tag = other.tag
+        return self
+
+
+class FakeImpl:
+    scale = 0.125
+    sliding_window = (-1, -1)
+    logits_soft_cap = None
+    alibi_slopes = None
+    kv_cache_dtype = "auto"
+
+
+class FakeFlashBackend:
+    def __init__(self) -> None:
+        self.vllm_attn_impl = FakeImpl()
+        self.original_calls = 0
+
+    def forward_contiguous(self, query: Any, key: Any, value: Any, output: Any, attn_metadata: Any,
+                           **kwargs: Any) -> Any:
+        self.original_calls += 1
+        output.tag = "bottom-right"
+        return output
+
+
+@pytest.fixture
+def mask_fakes(fakes: Fakes, monkeypatch: pytest.MonkeyPatch) -> Fakes:
+    _module(monkeypatch, "lmcache.v1.compute.attention")
+    fakes.Metadata = type("LMCFlashAttnMetadata", (FakeAttnMetadata,), {})
+    fakes.Backend = type("LMCFlashAttnBackend", (FakeFlashBackend,), {})
+    _module(monkeypatch, vp.MOD_ATTN_METADATA, LMCFlashAttnMetadata=fakes.Metadata)
+    _module(monkeypatch, vp.MOD_FLASH_ATTN, LMCFlashAttnBackend=fakes.Backend)
+    fakes.built = []
+    fakes.exact_calls = []
+
+    def build(positions: list[int], n_keys: int) -> tuple:
+        fakes.built.append((list(positions), n_keys))
+        return ("mask", tuple(positions), n_keys)
+
+    def exact(query: FakeRows, key: FakeRows, value: FakeRows, mask: Any, scale: float) -> FakeRows:
+        fakes.exact_calls.append((mask, scale))
+        return FakeRows(query.shape[0], "exact")
+
+    monkeypatch.setattr(vp.blend_mask, "build_block_mask", build)
+    monkeypatch.setattr(vp.blend_mask, "exact_attention", exact)
+    monkeypatch.setattr(vp, "_lmcache_version", lambda: "0.5.3")
+    return fakes
+
+
+def test_mask_fix_takes_the_exact_path_for_partial_recompute(mask_fakes: Fakes, monkeypatch: pytest.MonkeyPatch,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    _enable(monkeypatch)
+    with caplog.at_level(logging.INFO, logger=vp.logger.name):
+        vp.register()
+        meta = mask_fakes.Metadata(10)
+        meta.update_from_top_indices([1, 4])
+        backend = mask_fakes.Backend()
+        for _layer in range(3):  # the mask is built once, used by every layer
+            out = backend.forward_contiguous(FakeRows(2), FakeRows(10), FakeRows(10), FakeRows(2), meta)
+            assert out.tag == "exact"
+    assert meta.max_query_len == 2  # the original still ran
+    assert mask_fakes.built == [([1, 4], 10)]
+    assert mask_fakes.exact_calls == [(("mask", (1, 4), 10), 0.125)] * 3
+    assert backend.original_calls == 0
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("mask: exact causal attention for 2 recomputed of 10" in m for m in messages) == 1
+
+
+def test_mask_fix_leaves_full_recompute_and_unmasked_layers_to_lmcache(mask_fakes: Fakes,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    _enable(monkeypatch)
+    vp.register()
+    backend = mask_fakes.Backend()
+    before_check = mask_fakes.Metadata(10)  # layers before the check layer: no top indices yet
+    assert backend.forward_contiguous(FakeRows(10), FakeRows(10), FakeRows(10), FakeRows(10),
+                                      before_check).tag == "bottom-right"
+    everything = mask_fakes.Metadata(4)  # ratio 1.0: every token recomputed, causal is already exact
+    everything.update_from_top_indices([0, 1, 2, 3])
+    assert mask_fakes.built == []
+    assert backend.forward_contiguous(FakeRows(4), FakeRows(4), FakeRows(4), FakeRows(4),
+                                      everything).tag == "bottom-right"
+    assert backend.original_calls == 2
+
+
+@pytest.mark.parametrize(("attr", "value"), [("sliding_window", (4096, 0)), ("logits_soft_cap", 30.0),
+                                             ("alibi_slopes", [0.5]), ("kv_cache_dtype", "fp8_e4m3")])
+def test_mask_fix_falls_back_where_flex_would_differ(mask_fakes: Fakes, monkeypatch: pytest.MonkeyPatch,
+                                                     attr: str, value: Any) -> None:
+    _enable(monkeypatch)
+    vp.register()
+    meta = mask_fakes.Metadata(10)
+    meta.update_from_top_indices([1, 4])
+    backend = mask_fakes.Backend()
+    setattr(backend.vllm_attn_impl, attr, value)
+    assert backend.forward_contiguous(FakeRows(2), FakeRows(10), FakeRows(10), FakeRows(2), meta).tag == "bottom-right"
+
+
+def test_mask_fix_errors_fall_back_once_per_request(mask_fakes: Fakes, monkeypatch: pytest.MonkeyPatch,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    def broken(*args: Any) -> None:
+        raise RuntimeError("no kernel")
+
+    monkeypatch.setattr(vp.blend_mask, "exact_attention", broken)
+    _enable(monkeypatch)
+    vp.register()
+    meta = mask_fakes.Metadata(10)
+    meta.update_from_top_indices([1, 4])
+    backend = mask_fakes.Backend()
+    with caplog.at_level(logging.INFO, logger=vp.logger.name):
+        for _ in range(2):
+            out = backend.forward_contiguous(FakeRows(2), FakeRows(10), FakeRows(10), FakeRows(2), meta)
+            assert out.tag == "bottom-right"
+    assert backend.original_calls == 2
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "exact attention failed" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+def test_mask_fix_switch_and_version_gate(mask_fakes: Fakes, monkeypatch: pytest.MonkeyPatch,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    original = mask_fakes.Backend.forward_contiguous
+    _enable(monkeypatch, "all,-mask")
+    vp.register()
+    assert mask_fakes.Backend.forward_contiguous is original
+
+    vp._reset_for_tests()
+    assert _register_warns_of_version(monkeypatch, caplog, "0.5.6", "mask")
+    assert mask_fakes.Backend.forward_contiguous is original

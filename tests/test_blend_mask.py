@@ -1,0 +1,120 @@
+"""The exact causal mask of LMCache's partial recompute (kvdemo.blend_mask).
+
+The block plan is plain index arithmetic and is checked here against a brute force over every
+(query, key) pair: a key block is "full" for a tile when every query of the tile may see every key in it,
+"partial" when some may, and absent when none may. The torch part (FlexAttention against an SDPA oracle)
+runs where torch is installed; CI has no torch, so it is skipped there, and the GPU check is
+``python -m kvdemo.blend_mask --self-check``.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from kvdemo import blend_mask as bm
+
+
+def brute_force_plan(positions: list[int], n_keys: int, q_block: int, kv_block: int) -> list[bm.TilePlan]:
+    plans = []
+    for start in range(0, len(positions), q_block):
+        tile = positions[start:start + q_block]
+        full, partial = [], []
+        for b in range(-(-n_keys // kv_block)):
+            # "full" means no mask needed for any key of the block's whole range (FlexAttention itself
+            # masks keys past n_keys); "partial" means some existing key is visible to some query.
+            block = range(b * kv_block, (b + 1) * kv_block)
+            existing = range(b * kv_block, min((b + 1) * kv_block, n_keys))
+            if all(key in bm.allowed_keys(p) for p in tile for key in block):
+                full.append(b)
+            elif any(key in bm.allowed_keys(p) for p in tile for key in existing):
+                partial.append(b)
+        plans.append(bm.TilePlan(full, partial))
+    return plans
+
+
+CASES = [
+    ([0], 1),
+    ([0, 1, 2, 3], 4),  # every token selected: full causal
+    ([5, 9, 130, 131, 300], 301),
+    ([127], 200),  # a tile ending exactly on a block boundary
+    ([127, 128], 129),
+    ([255, 256, 511], 600),
+    (list(range(0, 1000, 7)), 1000),  # spread: several tiles at q_block 16
+    (list(range(900, 1000)), 1000),  # clustered at the end
+]
+
+
+@pytest.mark.parametrize(("positions", "n_keys"), CASES)
+@pytest.mark.parametrize(("q_block", "kv_block"), [(128, 128), (16, 32), (4, 8)])
+def test_plan_matches_brute_force(positions: list[int], n_keys: int, q_block: int, kv_block: int) -> None:
+    assert bm.plan_tiles(positions, q_block, kv_block) == brute_force_plan(positions, n_keys, q_block, kv_block)
+
+
+def test_plan_random_selections() -> None:
+    rng = random.Random(7)
+    for _ in range(30):
+        n = rng.randint(1, 700)
+        k = rng.randint(1, n)
+        positions = sorted(rng.sample(range(n), k))
+        q_block, kv_block = rng.choice([(8, 16), (16, 8), (32, 32)])
+        assert bm.plan_tiles(positions, q_block, kv_block) == brute_force_plan(positions, n, q_block, kv_block)
+
+
+def test_partial_blocks_hold_each_query_own_position() -> None:
+    """The key at a query's own position is visible to it: always in a full or partial block of its tile."""
+    positions = [3, 40, 41, 200, 513]
+    for start, plan in zip(range(0, len(positions), 2), bm.plan_tiles(positions, q_block=2, kv_block=16)):
+        for p in positions[start:start + 2]:
+            assert p // 16 in plan.full_blocks + plan.partial_blocks
+
+
+def test_plan_rejects_unsorted_or_repeated_positions() -> None:
+    with pytest.raises(ValueError):
+        bm.plan_tiles([4, 2])
+    with pytest.raises(ValueError):
+        bm.plan_tiles([2, 2])
+
+
+def test_bottom_right_mask_is_what_leaks() -> None:
+    """The flaw being fixed: with k of N selected, bottom-right causal lets query i see keys up to N-k+i."""
+    n, positions = 10, [1, 4]
+    k = len(positions)
+    for i, p in enumerate(positions):
+        bottom_right = range(n - k + i + 1)
+        assert set(bm.allowed_keys(p)) < set(bottom_right)  # strictly more keys than the true position allows
+
+
+# --------------------------------------------------------------------------------------------------
+# Torch (skipped where torch is absent, as in CI)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("n_keys", "k", "heads", "kv_heads"), [(300, 40, 4, 2), (257, 257, 2, 2), (130, 1, 2, 1),
+                                                               (1000, 150, 3, 3)])
+def test_flex_attention_matches_oracle(n_keys: int, k: int, heads: int, kv_heads: int) -> None:
+    torch = pytest.importorskip("torch")
+    pos = bm.spread_positions(n_keys, k, seed=n_keys)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(k, heads, 16, generator=g)
+    key = torch.randn(n_keys, kv_heads, 16, generator=g)
+    val = torch.randn(n_keys, kv_heads, 16, generator=g)
+    mask = bm.build_block_mask(pos, n_keys, q_block=32, kv_block=32)
+    got = bm.exact_attention(q, key, val, mask, scale=0.25)
+    want = bm.reference_attention(q, key, val, pos, scale=0.25)
+    assert torch.allclose(got, want, atol=1e-5)
+    if k < n_keys:  # and the bottom-right mask LMCache uses is measurably different
+        assert not torch.allclose(bm.bottom_right_attention(q, key, val, scale=0.25), want, atol=1e-3)
+
+
+def test_block_mask_tensors_match_plan() -> None:
+    torch = pytest.importorskip("torch")
+    positions = [5, 9, 130, 131, 300, 301, 302, 640]
+    mask = bm.build_block_mask(torch.tensor(positions), 700, q_block=4, kv_block=64)
+    plans = bm.plan_tiles(positions, q_block=4, kv_block=64)
+    full_n, full_i = mask.full_kv_num_blocks[0, 0], mask.full_kv_indices[0, 0]
+    part_n, part_i = mask.kv_num_blocks[0, 0], mask.kv_indices[0, 0]
+    for t, plan in enumerate(plans):
+        assert full_i[t, :full_n[t]].tolist() == plan.full_blocks
+        assert part_i[t, :part_n[t]].tolist() == plan.partial_blocks
