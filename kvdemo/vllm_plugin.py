@@ -25,6 +25,9 @@ Environment:
     work at all; ``mask`` gives recomputed tokens the causal mask of their true positions (it changes
     answers, on purpose: see kvdemo.blend_mask); the others are speed fixes a benchmark can switch off
     (``pipeline`` acts on the KV-sharing scenario's loads from the shared store, the rest on blending).
+``KVDEMO_MASK_MIN_SHARE`` (default 0.25)
+    the ``mask`` fix takes over only when at least this share of the blended tokens is recomputed (0:
+    always); below it LMCache's own mask stays, which measured the same quality there and is faster.
 ``KVDEMO_PROFILE=1``
     log one ``kvdemo-profile: ...`` line per engine step that did LMCache work, with CUDA-synchronized
     per-phase times (adds synchronizations: use it for a breakdown, never for TTFT numbers).
@@ -61,6 +64,13 @@ ENV_ENABLE = "KVDEMO_LMCACHE_PLUGIN"
 ENV_FIXES = "KVDEMO_PLUGIN_FIXES"
 ENV_PROFILE = "KVDEMO_PROFILE"
 ENV_TRACE_DIR = "KVDEMO_TRACE_DIR"
+ENV_MASK_MIN_SHARE = "KVDEMO_MASK_MIN_SHARE"
+# The exact mask is used when at least this share of the blended tokens is recomputed. Measured on real
+# weights (benchmarks/results/quality-h200.json, 40 prompts): at ratios 0.02-0.15 the exact mask and
+# LMCache's bottom-right mask gave the same first-token KL within the 95 % intervals, while the exact path
+# cost +33 % TTFT at 16K on an H200 (FlexAttention is ~2x slower per key than FlashAttention 3); at 0.30
+# and 0.50 the exact mask halved / quartered the KL. Set 0 to use it at every ratio.
+DEFAULT_MASK_MIN_SHARE = 0.25
 TRACE_ARM_FILE = "arm"
 
 ALL_FIXES: tuple[str, ...] = ("register", "mistral", "split", "mask", "rope", "sync", "kernels", "tokens",
@@ -530,8 +540,15 @@ def _patch_split(module: ModuleType) -> None:
 # Answer fix: recomputed tokens attend to keys at or before their own position only
 # --------------------------------------------------------------------------------------------------
 
-_MASK_ATTR = "_kvdemo_block_mask"
+_MASK_ATTR = "_kvdemo_exact_plan"
 _mask_said: set[str] = set()
+_flash_attn: list[Any] = []  # [vLLM's flash_attn_varlen_func or None], looked up once per process
+
+
+def _flash_attn_varlen() -> Any:
+    if not _flash_attn:
+        _flash_attn.append(blend_mask.vllm_flash_attn_varlen())
+    return _flash_attn[0]
 
 
 def _say_mask_once(key: str, text: str, *args: Any, level: int = logging.INFO) -> None:
@@ -556,23 +573,42 @@ def _patch_mask_metadata(module: ModuleType) -> None:
         return
     cls, original = found
 
+    min_share = mask_min_share()
+
     @functools.wraps(original)
     def update_from_top_indices(self: Any, top_indices: Any) -> Any:
         n_keys = int(self.max_seq_len)  # the original changes the query side only
         result = original(self, top_indices)
-        mask = None
-        if 0 < len(top_indices) < n_keys:
+        plan = None
+        if 0 < len(top_indices) < n_keys and len(top_indices) < min_share * n_keys:
+            _say_mask_once("below-share", "kvdemo plugin: mask: %d of %d tokens recomputed (share < %s=%g): "
+                           "LMCache's bottom-right mask is kept", len(top_indices), n_keys, ENV_MASK_MIN_SHARE,
+                           min_share)
+        elif 0 < len(top_indices) < n_keys:
             try:
-                mask = blend_mask.build_block_mask(top_indices, n_keys)
+                plan = blend_mask.build_plan(top_indices, n_keys, split=_flash_attn_varlen() is not None)
             except Exception as exc:  # noqa: BLE001 - never break a blend: LMCache's own mask then
                 _say_mask_once("build-failed", "kvdemo plugin: mask: cannot build the block mask (%s); "
                                "LMCache's bottom-right causal mask is used", exc, level=logging.WARNING)
-        setattr(self, _MASK_ATTR, mask)
+        setattr(self, _MASK_ATTR, plan)
         return result
 
     cls.update_from_top_indices = _mark(update_from_top_indices, "mask")
     logger.info("kvdemo plugin: applied mask (%s.LMCFlashAttnMetadata.update_from_top_indices builds the "
                 "exact causal block mask of the recomputed tokens)", module.__name__)
+
+
+def mask_min_share() -> float:
+    """``KVDEMO_MASK_MIN_SHARE`` as a float (default DEFAULT_MASK_MIN_SHARE; a bad value is logged)."""
+    raw = os.environ.get(ENV_MASK_MIN_SHARE, "").strip()
+    if not raw:
+        return DEFAULT_MASK_MIN_SHARE
+    try:
+        return float(raw)
+    except ValueError:
+        logger.warning("kvdemo plugin: %s=%r is not a number; using %g", ENV_MASK_MIN_SHARE, raw,
+                       DEFAULT_MASK_MIN_SHARE)
+        return DEFAULT_MASK_MIN_SHARE
 
 
 def _patch_mask_attention(module: ModuleType) -> None:
@@ -592,12 +628,16 @@ def _patch_mask_attention(module: ModuleType) -> None:
     @functools.wraps(original)
     def forward_contiguous(self: Any, query: Any, key: Any, value: Any, output: Any, attn_metadata: Any,
                            **kwargs: Any) -> Any:
-        mask = getattr(attn_metadata, _MASK_ATTR, None)
-        if mask is not None and query.shape[0] < key.shape[0] and exact_mask_applies(self.vllm_attn_impl):
+        plan = getattr(attn_metadata, _MASK_ATTR, None)
+        impl = self.vllm_attn_impl
+        if plan is not None and query.shape[0] < key.shape[0] and exact_mask_applies(impl):
             try:
-                output.copy_(blend_mask.exact_attention(query, key, value, mask, self.vllm_attn_impl.scale))
+                output.copy_(blend_mask.run_plan(query, key, value, plan, impl.scale, _flash_attn_varlen(),
+                                                 getattr(impl, "vllm_flash_attn_version", None)))
                 _say_mask_once("used", "kvdemo plugin: mask: exact causal attention for %d recomputed of %d "
-                               "tokens (FlexAttention block mask)", query.shape[0], key.shape[0])
+                               "tokens (%s)", query.shape[0], key.shape[0],
+                               "FlashAttention on fully visible blocks + FlexAttention on the diagonal band"
+                               if getattr(plan, "split", False) else "FlexAttention block mask")
                 return output
             except Exception as exc:  # noqa: BLE001 - fall back for the rest of this request
                 setattr(attn_metadata, _MASK_ATTR, None)
@@ -1504,3 +1544,4 @@ def _reset_for_tests() -> None:
         _state.__init__()  # type: ignore[misc]
         PROFILER.__init__()  # type: ignore[misc]
         _mask_said.clear()
+        _flash_attn.clear()

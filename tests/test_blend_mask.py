@@ -10,6 +10,7 @@ runs where torch is installed; CI has no torch, so it is skipped there, and the 
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 
@@ -118,3 +119,91 @@ def test_block_mask_tensors_match_plan() -> None:
     for t, plan in enumerate(plans):
         assert full_i[t, :full_n[t]].tolist() == plan.full_blocks
         assert part_i[t, :part_n[t]].tolist() == plan.partial_blocks
+
+
+def reference_paged_varlen(q: Any, k: Any, v: Any, max_seqlen_q: int, cu_seqlens_q: Any, max_seqlen_k: int,
+                           seqused_k: Any, softmax_scale: float, causal: bool, block_table: Any,
+                           return_softmax_lse: bool, fa_version: int | None = None) -> tuple[Any, Any]:
+    """FlashAttention's paged varlen call, as vLLM documents it, in plain torch: an empty sequence gives
+    zeros and an LSE of +inf (FA2's convention; FA3 writes -inf: the merge must take both)."""
+    import torch
+
+    assert not causal and return_softmax_lse
+    heads, d = q.shape[1], q.shape[2]
+    out = torch.zeros_like(q)
+    lse = torch.full((heads, q.shape[0]), float("inf"))
+    page = k.shape[1]
+    for b in range(len(cu_seqlens_q) - 1):
+        lo, hi, n = int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1]), int(seqused_k[b])
+        assert n <= max_seqlen_k and hi - lo <= max_seqlen_q
+        if n == 0 or hi == lo:
+            continue
+        keys = torch.cat([k[int(p)] for p in block_table[b][: -(-n // page)]])[:n]
+        vals = torch.cat([v[int(p)] for p in block_table[b][: -(-n // page)]])[:n]
+        rep = heads // keys.shape[1]
+        keys, vals = keys.repeat_interleave(rep, 1), vals.repeat_interleave(rep, 1)
+        scores = torch.einsum("qhd,khd->hqk", q[lo:hi], keys) * softmax_scale
+        lse[:, lo:hi] = torch.logsumexp(scores, -1)
+        out[lo:hi] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), vals)
+    return out, lse
+
+
+def block_sparse_flex(query: Any, key: Any, value: Any, block_mask: Any, scale: float, lse: bool = False) -> Any:
+    """FlexAttention as its compiled kernels compute it: only the listed blocks, mask_mod inside them.
+
+    (Eager FlexAttention on CPU evaluates mask_mod everywhere and ignores the block lists, so it cannot
+    check a band-only mask; the GPU check, python -m kvdemo.blend_mask --self-check, runs the real kernel.)"""
+    import torch
+
+    qb, kb = block_mask.BLOCK_SIZE
+    blocks = block_mask.to_dense()[0, 0].bool()
+    keep = blocks.repeat_interleave(qb, 0).repeat_interleave(kb, 1)[: query.shape[0], : key.shape[0]]
+    qi = torch.arange(query.shape[0])[:, None]
+    ki = torch.arange(key.shape[0])[None, :]
+    keep &= block_mask.mask_mod(0, 0, qi, ki)
+    rep = query.shape[1] // key.shape[1]
+    k, v = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
+    scores = torch.einsum("qhd,khd->hqk", query, k) * scale
+    scores = scores.masked_fill(~keep[None], float("-inf"))
+    out_lse = torch.logsumexp(scores, -1)
+    probs = torch.nan_to_num(torch.exp(scores - out_lse[..., None]))
+    out = torch.einsum("hqk,khd->hqd", probs, v)[None]
+    return (out, out_lse[None]) if lse else out
+
+
+@pytest.mark.parametrize(("n_keys", "k"), [(1000, 150), (700, 300), (300, 7), (129, 3), (2000, 127)])
+def test_split_plan_matches_oracle(n_keys: int, k: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """FlashAttention on fully visible blocks + FlexAttention on the band, merged: the exact attention."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(bm, "_flex", block_sparse_flex)
+    pos = bm.spread_positions(n_keys, k, seed=k)
+    g = torch.Generator().manual_seed(3)
+    q, key, val = (torch.randn(k, 4, 16, generator=g), torch.randn(n_keys, 2, 16, generator=g),
+                   torch.randn(n_keys, 2, 16, generator=g))
+    plan = bm.build_plan(pos, n_keys, split=True)
+    assert plan.split
+    got = bm.run_plan(q, key, val, plan, 0.25, reference_paged_varlen)
+    want = bm.reference_attention(q, key, val, pos, 0.25)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(bm.run_plan(q, key, val, bm.build_plan(pos, n_keys, split=False), 0.25), want, atol=1e-5)
+
+
+def test_split_plan_needs_flash_attention_and_a_whole_block() -> None:
+    torch = pytest.importorskip("torch")
+    pos = torch.tensor([3, 50])
+    assert not bm.build_plan(pos, 100, split=True).split  # under one 128-key block: FlexAttention alone
+    with pytest.raises(ValueError):
+        bm.run_plan(torch.zeros(2, 1, 4), torch.zeros(300, 1, 4), torch.zeros(300, 1, 4),
+                    bm.build_plan(pos, 300, split=True), 1.0, None)
+
+
+def test_merge_takes_empty_sides_of_either_sign() -> None:
+    torch = pytest.importorskip("torch")
+    a, b = torch.ones(2, 1, 3), torch.full((2, 1, 3), 5.0)
+    for empty in (float("inf"), float("-inf")):
+        lse_a = torch.tensor([[empty, 0.0]])
+        lse_b = torch.tensor([[0.0, empty]])
+        merged = bm.merge_by_lse(a, lse_a, b, lse_b)
+        assert torch.equal(merged[0], b[0]) and torch.equal(merged[1], a[1])
+    even = bm.merge_by_lse(a, torch.zeros(1, 2), b, torch.zeros(1, 2))
+    assert torch.allclose(even, torch.full((2, 1, 3), 3.0))
