@@ -21,6 +21,8 @@ import pytest
 from conftest import REPO_ROOT
 from helpers import alive, describe, free_ports, kill_all, port_is_free, wait_until
 
+from kvdemo.ui.session import answer_agreement
+
 pytestmark = pytest.mark.browser
 
 CHROMIUM = "/usr/bin/chromium"
@@ -193,6 +195,15 @@ def ttft(page, key: str) -> float:
     return float(m.group(1))
 
 
+def shown_answer(page, key: str) -> str:
+    """The text of the last answer in #chat-{key}, without its TTFT line."""
+    return page.locator(f"#chat-{key} [data-testid=bot]").last.locator(".message-content p").first.inner_text()
+
+
+AGREEMENT = re.compile(r"🚀 and 🐢 (give the same answer \(\d+ tokens\)|agree on the first \d+ of \d+ answer tokens) "
+                       r"\(greedy decoding; blending recomputes only part of the context, .*\) \(SIMULATED\)")
+
+
 def ask_and_wait(page, question: str, answers_before: int) -> None:
     page.locator("#question textarea").fill(question)
     page.locator("#ask").click()
@@ -253,6 +264,16 @@ def test_pick_reorder_ask_and_compare(page, app, builder, library):
         partial = {s for s in snaps if "[SIMULATED]" in s and "TTFT" not in s}
         assert len({len(s) for s in partial}) >= 2, f"#chat-{key} did not stream: {snaps[-3:]}"
         assert "[SIMULATED]" in page.locator(f"#chat-{key}").inner_text()
+
+    # Both answered at temperature 0 (the default): how far the two answers agree, counted in tokens.
+    k, m = answer_agreement(builder.tokenizer, shown_answer(page, "lmcache"), shown_answer(page, "plain"))
+    assert m > 0
+    line = page.locator("#agreement")
+    wait_until(lambda: "🚀 and 🐢" in line.inner_text(), 15, "the agreement line to show")
+    agreement = line.inner_text()
+    assert line.is_visible() and AGREEMENT.fullmatch(agreement), agreement
+    assert (f"give the same answer ({m} tokens)" if k == m else f"agree on the first {k} of {m} answer tokens") \
+        in agreement, (k, m, agreement)
 
     # Reverse the order and ask again: 🐢's cached prefix is gone, 🚀 blends the cached chunks in any order.
     page.locator("#btn-reverse").click()

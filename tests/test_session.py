@@ -13,7 +13,14 @@ from kvdemo.client import RequestStats
 from kvdemo.engines import EngineProcess
 from kvdemo.errors import UserFacingError
 from kvdemo.runtime import EngineHandle, Runtime
-from kvdemo.ui.session import MAX_TEMPERATURE, EngineReply, speedup, stream_turn, validate_turn
+from kvdemo.ui.session import (
+    MAX_TEMPERATURE,
+    EngineReply,
+    answer_agreement,
+    speedup,
+    stream_turn,
+    validate_turn,
+)
 
 QUESTION = "What does the nonlocal statement do?"
 
@@ -101,6 +108,35 @@ def test_speedup():
     assert speedup({"lmcache": stats(0.1), "plain": stats(0.25)}) == pytest.approx(2.5)
     assert speedup({"lmcache": stats(0.1)}) is None
     assert speedup({"lmcache": stats(0.0), "plain": stats(0.25)}) is None
+
+
+class WordTokenizer:
+    """One id per whitespace-separated word: agreement counts that can be read off the test."""
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        assert add_special_tokens is False
+        return [hash(w) for w in text.split()]
+
+
+def test_answer_agreement_counts_identical_leading_tokens():
+    tok = WordTokenizer()
+    assert answer_agreement(tok, "a b c d", "a b c d") == (4, 4)
+    assert answer_agreement(tok, "a b c d e", "a b x d") == (2, 5)  # M is the longer answer's count
+    assert answer_agreement(tok, "a b", "a b c") == (2, 3)  # one answer is a prefix of the other
+    assert answer_agreement(tok, "x b c", "a b c") == (0, 3)
+    assert answer_agreement(tok, "", "a b c") == (0, 3) and answer_agreement(tok, "a b", "") == (0, 2)
+    assert answer_agreement(tok, "", "") == (0, 0)
+
+
+def test_answer_agreement_with_the_model_tokenizer(tokenizer):
+    def n(text: str) -> int:
+        return len(tokenizer.encode(text, add_special_tokens=False))
+
+    same = "[SIMULATED] The cache is loaded from disk."
+    assert answer_agreement(tokenizer, same, same) == (n(same), n(same))
+    a, b = "The cache is loaded from disk.", "The cache is rebuilt from disk."
+    assert answer_agreement(tokenizer, a, b) == (n("The cache is"), max(n(a), n(b)))
+    assert answer_agreement(tokenizer, "", a) == (0, n(a))
 
 
 # ----- streaming a turn to the simulated engines ---------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 from conftest import LABELS, make_runtime
 
 from kvdemo.config import Settings
-from kvdemo.ui.app import build_ui, mode_markdown, sharing_warning
+from kvdemo.ui.app import agreement_markdown, build_ui, mode_markdown, sharing_warning
 from kvdemo.ui.session import ChatState
 
 
@@ -23,9 +23,10 @@ def ui(builder, sim_engines):
     return runtime, fns
 
 
-def ask(runtime, fns, state: ChatState, question: str, max_tokens: int = 24):
+def ask(runtime, fns, state: ChatState, question: str, max_tokens: int = 24, temperature: float = 0.0,
+        engines: list[str] = LABELS):
     names = list(runtime.library.chunks)[:2]
-    return fns["prepare"](question, names, runtime.library.sys_prompt, 0.0, max_tokens, LABELS, state)
+    return fns["prepare"](question, names, runtime.library.sys_prompt, temperature, max_tokens, engines, state)
 
 
 async def drain(agen) -> list[tuple]:
@@ -43,13 +44,42 @@ def test_a_turn_streams_into_both_panes(ui):
     assert state.pending is not None and "Precompute" in notice  # this runtime never precomputed
     outs = asyncio.run(drain(fns["stream"](runtime.library.sys_prompt, state)))
     assert len(outs) > 2  # streamed in steps
-    chat_lm, chat_plain, stats_lm, stats_plain, badge, _ = outs[-1]
+    chat_lm, chat_plain, stats_lm, stats_plain, badge, agreement, _ = outs[-1]
     for chat, stats in ((chat_lm, stats_lm), (chat_plain, stats_plain)):
         assert chat[-2] == {"role": "user", "content": "What is a decorator?"}
         assert "[SIMULATED]" in chat[-1]["content"] and "TTFT" in chat[-1]["content"]
         assert stats.startswith("TTFT") and stats.endswith("(SIMULATED)")
     assert "to first token than 🐢 (SIMULATED)" in badge
+    # Same prompt ids, greedy: the simulated engines give the same answer.
+    n = len(runtime.builder.tokenizer.encode(state.answers["plain"], add_special_tokens=False))
+    assert state.answers["lmcache"] == state.answers["plain"] and n > 0
+    assert agreement.startswith(f"🚀 and 🐢 give the same answer ({n} tokens) (greedy decoding;")
+    assert agreement.endswith("(SIMULATED)")
+    assert all(out[5] == "" for out in outs[:-2])  # nothing while an answer is still streaming
     assert not state.streaming and state.pending is None
+
+
+def test_agreement_only_for_two_greedy_answers(ui):
+    runtime, fns = ui
+    state = ChatState()
+    ask(runtime, fns, state, "What is a generator?", temperature=0.7)
+    agreement = asyncio.run(drain(fns["stream"](runtime.library.sys_prompt, state)))[-1][5]
+    assert agreement == "Agreement of 🚀 and 🐢 is shown at temperature 0 only."
+    ask(runtime, fns, state, "What is a generator?", engines=LABELS[1:])  # 🐢 alone
+    outs = asyncio.run(drain(fns["stream"](runtime.library.sys_prompt, state)))
+    assert all(out[5] == "" for out in outs)
+    assert fns["clear"](state)[-1] == "" and state.answers == {} and state.temperature is None
+
+
+def test_agreement_markdown_counts_and_skips_failed_answers(ui):
+    runtime, _ = ui
+    state = ChatState(answers={"lmcache": "The cache is loaded from disk.", "plain": "The cache is rebuilt."},
+                      temperature=0.0)
+    assert agreement_markdown(state, runtime).startswith("🚀 and 🐢 agree on the first **3** of 8 answer tokens")
+    state.answers["plain"] = "  "  # empty answer
+    assert agreement_markdown(state, runtime) == ""
+    del state.answers["plain"]  # failed answer (not recorded)
+    assert agreement_markdown(state, runtime) == ""
 
 
 def test_second_question_while_streaming_is_refused(ui):
@@ -87,7 +117,7 @@ def test_clear_chat_while_streaming(ui):
         agen = fns["stream"](runtime.library.sys_prompt, state)
         await agen.__anext__()
         cleared = fns["clear"](state)
-        assert cleared[1:] == ([], [], "", "", "")
+        assert cleared[1:] == ([], [], "", "", "", "")
         return await drain(agen)  # must not fail on the cleared histories
 
     outs = asyncio.run(go())

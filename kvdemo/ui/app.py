@@ -14,7 +14,15 @@ from ..client import RequestStats
 from ..config import Settings, sharing_warning  # noqa: F401 - re-exported for callers
 from ..errors import UserFacingError
 from ..runtime import DEFAULT_CONTEXT_TOKENS, Runtime
-from .session import MAX_TEMPERATURE, ChatState, EngineReply, speedup, stream_turn, validate_turn
+from .session import (
+    MAX_TEMPERATURE,
+    ChatState,
+    EngineReply,
+    answer_agreement,
+    speedup,
+    stream_turn,
+    validate_turn,
+)
 
 PANES = ("lmcache", "plain")
 WHY_LONG = ("Blending pays off on **long contexts**: it saves the prefill of reused chunks but costs a fixed "
@@ -51,6 +59,21 @@ def speedup_markdown(state: ChatState, runtime: Runtime) -> str:
         return ""
     verdict = "faster" if x >= 1 else "slower (short context: blending has a fixed cost)"
     return f"🚀 **{x:.1f}×** {verdict} to first token than 🐢{_sim(runtime)}"
+
+
+def agreement_markdown(state: ChatState, runtime: Runtime) -> str:
+    """How far 🚀's and 🐢's answers of the last turn agree; only when both answered, greedily."""
+    texts = [state.answers.get(k, "") for k in PANES]
+    if not all(t.strip() for t in texts):
+        return ""  # an engine did not answer, failed, or answered nothing
+    if state.temperature != 0:
+        return "Agreement of 🚀 and 🐢 is shown at temperature 0 only."
+    assert runtime.builder is not None
+    k, m = answer_agreement(runtime.builder.tokenizer, *texts)
+    how = (f"give the same answer ({m} tokens)" if k == m else
+           f"agree on the first **{k}** of {m} answer tokens")
+    return (f"🚀 and 🐢 {how} (greedy decoding; blending recomputes only part of the context, so answers may "
+            f"drift — see the quality benchmark in README){_sim(runtime)}")
 
 
 def mode_markdown(runtime: Runtime) -> str:
@@ -119,6 +142,8 @@ def build_ui(runtime: Runtime) -> gr.Blocks:
                 {"role": "assistant", "content": "…"},
             ])
             state.last_stats.pop(key, None)
+        state.answers.clear()
+        state.temperature = turn.temperature
         state.pending = turn
         return state, " ".join(notes), *_chats(state), ""
 
@@ -144,8 +169,10 @@ def build_ui(runtime: Runtime) -> gr.Blocks:
                     history[-1] = {"role": "assistant", "content": _reply_message(reply, runtime)}
                     if reply.stats and not reply.error:
                         state.last_stats[key] = reply.stats
+                    if reply.done and not reply.error:
+                        state.answers[key] = reply.text
                 yield (*_chats(state), *[stats_markdown(state.last_stats.get(k), runtime) for k in PANES],
-                       speedup_markdown(state, runtime), state)
+                       speedup_markdown(state, runtime), agreement_markdown(state, runtime), state)
         finally:
             state.streaming = False
 
@@ -161,7 +188,7 @@ def build_ui(runtime: Runtime) -> gr.Blocks:
 
     def clear(state: ChatState):
         state.clear()
-        return state, [], [], "", "", ""
+        return state, [], [], "", "", "", ""
 
     with gr.Blocks(title="kvdemo: LMCache vs plain vLLM") as demo:
         state = gr.State(ChatState())  # deep-copied for each browser session
@@ -207,6 +234,7 @@ def build_ui(runtime: Runtime) -> gr.Blocks:
                                                     feedback_options=None))
                             stats.append(gr.Markdown(elem_id=f"stats-{key}"))
                 badge = gr.Markdown(elem_id="speedup")
+                agreement = gr.Markdown(elem_id="agreement")
                 notice = gr.Markdown(elem_id="notice")
                 question = gr.Textbox(label="Question", placeholder="e.g. How does Python resolve names in a class "
                                       "body?", elem_id="question")
@@ -229,11 +257,11 @@ def build_ui(runtime: Runtime) -> gr.Blocks:
         shuffle.click(shuffled, chunks, chunks, queue=False)
         inputs = [question, chunks, sys_prompt, temperature, max_tokens, engines, state]
         prepared_outputs = [state, notice, *chats, question]
-        streamed_outputs = [*chats, *stats, badge, state]
+        streamed_outputs = [*chats, *stats, badge, agreement, state]
         for trigger in (ask.click, question.submit):
             trigger(prepare, inputs, prepared_outputs, queue=False).then(stream, [sys_prompt, state],
                                                                          streamed_outputs)
-        clear_btn.click(clear, state, [state, *chats, *stats, badge], queue=False)
+        clear_btn.click(clear, state, [state, *chats, *stats, badge, agreement], queue=False)
         for key, button in restarts.items():
             button.click(lambda k=key: restart(k), None, notice, concurrency_limit=1,
                          concurrency_id="restart")

@@ -47,11 +47,15 @@ class ChatState:
     last_stats: dict[str, RequestStats] = field(default_factory=dict)
     pending: Turn | None = None
     streaming: bool = False  # a turn's answers are still arriving: no second turn until they are done
+    answers: dict[str, str] = field(default_factory=dict)  # the last turn's answers that finished without error
+    temperature: float | None = None  # the last turn's temperature
 
     def clear(self) -> None:
         self.histories.clear()
         self.last_stats.clear()
         self.pending = None
+        self.answers.clear()
+        self.temperature = None
 
 
 def validate_turn(runtime: Runtime, question: str, chunk_names: list[str] | None, sys_prompt: str,
@@ -153,3 +157,15 @@ def speedup(stats: dict[str, RequestStats]) -> float | None:
     if fast is None or slow is None or fast.ttft_s <= 0:
         return None
     return slow.ttft_s / fast.ttft_s
+
+
+def answer_agreement(tokenizer, text_a: str, text_b: str) -> tuple[int, int]:
+    """(k, m): how many leading token ids the two answers share, and the longer answer's token count."""
+    a = tokenizer.encode(text_a, add_special_tokens=False)
+    b = tokenizer.encode(text_b, add_special_tokens=False)
+    k = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        k += 1
+    return k, max(len(a), len(b))
