@@ -91,17 +91,19 @@ def write_variant_config(base: Path, variant: Variant, out_dir: Path) -> Path:
 
 
 def engine_specs(settings: Settings, gpus: list[int], variants: list[Variant], config_dir: Path) -> list[EngineSpec]:
-    """🐢 first, then one 🚀 per variant, all on the given GPUs (round-robin), ports counting up."""
+    """🐢 first, then one 🚀 per variant, all on the given GPUs (round-robin); --engine-ports first, then
+    ports counting up from the last one given."""
     slots = plan_gpus(1 + len(variants), [] if settings.simulate else gpus)
-    port0 = settings.engine_ports[0]
+    given = list(settings.engine_ports)
+    ports = given + [given[-1] + i for i in range(1, 2 + len(variants) - len(given))]
     common = {"model": settings.model, "max_model_len": settings.max_model_len, "simulate": settings.simulate,
               "extra_args": settings.engine_args, "gpu_memory_utilization": settings.gpu_memory_utilization,
               "kv_cache_gib": settings.kv_cache_gib or QUALITY_KV_CACHE_GIB, "local_model": settings.is_local_model,
               "sim_speed": settings.sim_speed}
-    specs = [EngineSpec(key="plain", label=PLAIN_LABEL, lmcache=False, port=port0, slot=slots[0], **common)]
+    specs = [EngineSpec(key="plain", label=PLAIN_LABEL, lmcache=False, port=ports[0], slot=slots[0], **common)]
     for i, v in enumerate(variants, 1):
         specs.append(EngineSpec(key=v.key, label=f"🚀 LMCache ratio {v.ratio:g} ({v.group} fixes)", lmcache=True,
-                                port=port0 + i, slot=slots[i],
+                                port=ports[i], slot=slots[i],
                                 lmcache_config=write_variant_config(settings.lmcache_config_path, v, config_dir),
                                 extra_env={"KVDEMO_PLUGIN_FIXES": v.fixes}, **common))
     return specs

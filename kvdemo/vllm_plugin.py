@@ -25,9 +25,6 @@ Environment:
     work at all; ``mask`` gives recomputed tokens the causal mask of their true positions (it changes
     answers, on purpose: see kvdemo.blend_mask); the others are speed fixes a benchmark can switch off
     (``pipeline`` acts on the KV-sharing scenario's loads from the shared store, the rest on blending).
-``KVDEMO_MASK_MIN_SHARE`` (default 0.25)
-    the ``mask`` fix takes over only when at least this share of the blended tokens is recomputed (0:
-    always); below it LMCache's own mask stays, which measured the same quality there and is faster.
 ``KVDEMO_PROFILE=1``
     log one ``kvdemo-profile: ...`` line per engine step that did LMCache work, with CUDA-synchronized
     per-phase times (adds synchronizations: use it for a breakdown, never for TTFT numbers).
@@ -64,13 +61,6 @@ ENV_ENABLE = "KVDEMO_LMCACHE_PLUGIN"
 ENV_FIXES = "KVDEMO_PLUGIN_FIXES"
 ENV_PROFILE = "KVDEMO_PROFILE"
 ENV_TRACE_DIR = "KVDEMO_TRACE_DIR"
-ENV_MASK_MIN_SHARE = "KVDEMO_MASK_MIN_SHARE"
-# The exact mask is used when at least this share of the blended tokens is recomputed. Measured on real
-# weights (benchmarks/results/quality-h200.json, 40 prompts): at ratios 0.02-0.15 the exact mask and
-# LMCache's bottom-right mask gave the same first-token KL within the 95 % intervals, while the exact path
-# cost +33 % TTFT at 16K on an H200 (FlexAttention is ~2x slower per key than FlashAttention 3); at 0.30
-# and 0.50 the exact mask halved / quartered the KL. Set 0 to use it at every ratio.
-DEFAULT_MASK_MIN_SHARE = 0.25
 TRACE_ARM_FILE = "arm"
 
 ALL_FIXES: tuple[str, ...] = ("register", "mistral", "split", "mask", "rope", "sync", "kernels", "tokens",
@@ -573,22 +563,16 @@ def _patch_mask_metadata(module: ModuleType) -> None:
         return
     cls, original = found
 
-    min_share = mask_min_share()
-
     @functools.wraps(original)
     def update_from_top_indices(self: Any, top_indices: Any) -> Any:
         n_keys = int(self.max_seq_len)  # the original changes the query side only
         result = original(self, top_indices)
         plan = None
-        if 0 < len(top_indices) < n_keys and len(top_indices) < min_share * n_keys:
-            _say_mask_once("below-share", "kvdemo plugin: mask: %d of %d tokens recomputed (share < %s=%g): "
-                           "LMCache's bottom-right mask is kept", len(top_indices), n_keys, ENV_MASK_MIN_SHARE,
-                           min_share)
-        elif 0 < len(top_indices) < n_keys:
+        if 0 < len(top_indices) < n_keys:
             try:
                 plan = blend_mask.build_plan(top_indices, n_keys, split=_flash_attn_varlen() is not None)
             except Exception as exc:  # noqa: BLE001 - never break a blend: LMCache's own mask then
-                _say_mask_once("build-failed", "kvdemo plugin: mask: cannot build the block mask (%s); "
+                _say_mask_once("build-failed", "kvdemo plugin: mask: cannot build the exact plan (%s); "
                                "LMCache's bottom-right causal mask is used", exc, level=logging.WARNING)
         setattr(self, _MASK_ATTR, plan)
         return result
@@ -598,24 +582,11 @@ def _patch_mask_metadata(module: ModuleType) -> None:
                 "exact causal block mask of the recomputed tokens)", module.__name__)
 
 
-def mask_min_share() -> float:
-    """``KVDEMO_MASK_MIN_SHARE`` as a float (default DEFAULT_MASK_MIN_SHARE; a bad value is logged)."""
-    raw = os.environ.get(ENV_MASK_MIN_SHARE, "").strip()
-    if not raw:
-        return DEFAULT_MASK_MIN_SHARE
-    try:
-        return float(raw)
-    except ValueError:
-        logger.warning("kvdemo plugin: %s=%r is not a number; using %g", ENV_MASK_MIN_SHARE, raw,
-                       DEFAULT_MASK_MIN_SHARE)
-        return DEFAULT_MASK_MIN_SHARE
-
-
 def _patch_mask_attention(module: ModuleType) -> None:
-    """Wrap ``LMCFlashAttnBackend.forward_contiguous``: fewer queries than keys and a mask built → exact path.
+    """Wrap ``LMCFlashAttnBackend.forward_contiguous``: fewer queries than keys and a plan built → exact path.
 
-    The exact path is FlexAttention under the block mask (kvdemo.blend_mask.exact_attention). Anything it
-    does not reproduce (sliding window, logit softcap, ALiBi, an FP8 KV cache) or any error goes to
+    The exact path is kvdemo.blend_mask.run_plan: vLLM's FlashAttention on the key blocks every query of a
+    tile sees, FlexAttention on the diagonal band, merged by log-sum-exp. Anything it does not reproduce (sliding window, logit softcap, ALiBi, an FP8 KV cache) or any error goes to
     LMCache's FlashAttention call, logged once.
     """
     if not _copied_version_matches("mask", "LMCFlashAttnMetadata/LMCFlashAttnBackend (FlashAttention call)"):

@@ -129,7 +129,7 @@ def reference_paged_varlen(q: Any, k: Any, v: Any, max_seqlen_q: int, cu_seqlens
     import torch
 
     assert not causal and return_softmax_lse
-    heads, d = q.shape[1], q.shape[2]
+    heads = q.shape[1]
     out = torch.zeros_like(q)
     lse = torch.full((heads, q.shape[0]), float("inf"))
     page = k.shape[1]

@@ -185,7 +185,7 @@ def fakes(monkeypatch: pytest.MonkeyPatch) -> Fakes:
 @pytest.fixture(autouse=True)
 def clean_plugin(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Fresh plugin state, env and logger filters for every test; drop modules a test imported."""
-    for var in (vp.ENV_ENABLE, vp.ENV_FIXES, vp.ENV_PROFILE, vp.ENV_MASK_MIN_SHARE):
+    for var in (vp.ENV_ENABLE, vp.ENV_FIXES, vp.ENV_PROFILE):
         monkeypatch.delenv(var, raising=False)
     vp._reset_for_tests()
     before = set(sys.modules)
@@ -1174,7 +1174,7 @@ def test_mask_fix_takes_the_exact_path_for_partial_recompute(mask_fakes: Fakes, 
     with caplog.at_level(logging.INFO, logger=vp.logger.name):
         vp.register()
         meta = mask_fakes.Metadata(10)
-        meta.update_from_top_indices([1, 4, 7])  # 30 % recomputed: over the default 25 % share
+        meta.update_from_top_indices([1, 4, 7])
         backend = mask_fakes.Backend()
         for _layer in range(3):  # the mask is built once, used by every layer
             out = backend.forward_contiguous(FakeRows(3), FakeRows(10), FakeRows(10), FakeRows(3), meta)
@@ -1185,26 +1185,6 @@ def test_mask_fix_takes_the_exact_path_for_partial_recompute(mask_fakes: Fakes, 
     assert backend.original_calls == 0
     messages = [r.getMessage() for r in caplog.records]
     assert sum("mask: exact causal attention for 3 recomputed of 10" in m for m in messages) == 1
-
-
-@pytest.mark.parametrize(("env", "exact"), [(None, False), ("0", True), ("0.1", True), ("0.5", False),
-                                            ("bogus", False)])
-def test_mask_fix_acts_from_a_recompute_share(mask_fakes: Fakes, monkeypatch: pytest.MonkeyPatch,
-                                              caplog: pytest.LogCaptureFixture, env: str | None,
-                                              exact: bool) -> None:
-    """Below KVDEMO_MASK_MIN_SHARE (default 0.25) LMCache's own mask stays: same quality there, faster."""
-    if env is not None:
-        monkeypatch.setenv(vp.ENV_MASK_MIN_SHARE, env)
-    _enable(monkeypatch)
-    with caplog.at_level(logging.INFO, logger=vp.logger.name):
-        vp.register()
-        meta = mask_fakes.Metadata(10)
-        meta.update_from_top_indices([1, 4])  # 20 % recomputed
-        out = mask_fakes.Backend().forward_contiguous(FakeRows(2), FakeRows(10), FakeRows(10), FakeRows(2), meta)
-    assert out.tag == ("exact" if exact else "bottom-right")
-    assert mask_fakes.built == ([([1, 4], 10)] if exact else [])
-    if not exact:
-        assert any("bottom-right mask is kept" in r.getMessage() for r in caplog.records)
 
 
 def test_mask_fix_leaves_full_recompute_and_unmasked_layers_to_lmcache(mask_fakes: Fakes,
@@ -1227,7 +1207,6 @@ def test_mask_fix_leaves_full_recompute_and_unmasked_layers_to_lmcache(mask_fake
                                              ("alibi_slopes", [0.5]), ("kv_cache_dtype", "fp8_e4m3")])
 def test_mask_fix_falls_back_where_flex_would_differ(mask_fakes: Fakes, monkeypatch: pytest.MonkeyPatch,
                                                      attr: str, value: Any) -> None:
-    monkeypatch.setenv(vp.ENV_MASK_MIN_SHARE, "0")
     _enable(monkeypatch)
     vp.register()
     meta = mask_fakes.Metadata(10)
@@ -1243,7 +1222,6 @@ def test_mask_fix_errors_fall_back_once_per_request(mask_fakes: Fakes, monkeypat
         raise RuntimeError("no kernel")
 
     monkeypatch.setattr(vp.blend_mask, "run_plan", broken)
-    monkeypatch.setenv(vp.ENV_MASK_MIN_SHARE, "0")
     _enable(monkeypatch)
     vp.register()
     meta = mask_fakes.Metadata(10)
