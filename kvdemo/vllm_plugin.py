@@ -548,17 +548,23 @@ def _say_mask_once(key: str, text: str, *args: Any, level: int = logging.INFO) -
         logger.log(level, text, *args)
 
 
+def _mask_target(module: ModuleType, path: str) -> tuple[Any, Any] | None:
+    """``(owner, original)`` of a method the mask fix wraps, on the LMCache version whose FlashAttention call
+    (bottom-right causal, contiguous keys) it was written against; None otherwise (logged)."""
+    if not _copied_version_matches("mask", "LMCFlashAttnMetadata/LMCFlashAttnBackend (FlashAttention call)"):
+        return None
+    return _unpatched(module, path, "mask")
+
+
 def _patch_mask_metadata(module: ModuleType) -> None:
-    """Wrap ``LMCFlashAttnMetadata.update_from_top_indices`` to build the exact block mask once per request.
+    """Wrap ``LMCFlashAttnMetadata.update_from_top_indices`` to build the exact-attention plan once per request.
 
     WHY: LMCache 0.5.3 only shrinks the query length there, so FlashAttention's bottom-right causal mask
     lets every recomputed token see tokens after it (kvdemo.blend_mask). The selected indices (sorted,
     one per recomputed token, equal to its key index) are known here, once per request, before the first
-    layer that recomputes only them: the block mask is built here and reused by every later layer.
+    layer that recomputes only them: the plan (block mask, tiles) is built here and reused by every later layer.
     """
-    if not _copied_version_matches("mask", "LMCFlashAttnMetadata/LMCFlashAttnBackend (FlashAttention call)"):
-        return
-    found = _unpatched(module, "LMCFlashAttnMetadata.update_from_top_indices", "mask")
+    found = _mask_target(module, "LMCFlashAttnMetadata.update_from_top_indices")
     if found is None:
         return
     cls, original = found
@@ -586,12 +592,11 @@ def _patch_mask_attention(module: ModuleType) -> None:
     """Wrap ``LMCFlashAttnBackend.forward_contiguous``: fewer queries than keys and a plan built → exact path.
 
     The exact path is kvdemo.blend_mask.run_plan: vLLM's FlashAttention on the key blocks every query of a
-    tile sees, FlexAttention on the diagonal band, merged by log-sum-exp. Anything it does not reproduce (sliding window, logit softcap, ALiBi, an FP8 KV cache) or any error goes to
-    LMCache's FlashAttention call, logged once.
+    tile sees, FlexAttention on the diagonal band, merged by log-sum-exp. Anything it does not reproduce
+    (sliding window, logit softcap, ALiBi, an FP8 KV cache) or any error goes to LMCache's FlashAttention
+    call, logged once.
     """
-    if not _copied_version_matches("mask", "LMCFlashAttnMetadata/LMCFlashAttnBackend (FlashAttention call)"):
-        return
-    found = _unpatched(module, "LMCFlashAttnBackend.forward_contiguous", "mask")
+    found = _mask_target(module, "LMCFlashAttnBackend.forward_contiguous")
     if found is None:
         return
     cls, original = found
