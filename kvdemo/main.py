@@ -13,6 +13,7 @@ import time
 
 from .config import Settings, parse_settings, sharing_warning
 from .errors import EngineError, UserFacingError
+from .lmcache_config import LmcacheConfig
 from .preflight import detect_gpus
 from .runtime import DEFAULT_CONTEXT_TOKENS, Runtime
 
@@ -67,6 +68,9 @@ def dry_run(runtime: Runtime) -> int:
         print("# No GPU detected here: showing the 1-GPU plan (use --gpus 0,1 for a 2-GPU machine).")
     for spec in specs:
         print(spec.describe() if not spec.url_override else f"# {spec.label}: attached at {spec.url}")
+    lmc = LmcacheConfig.load(s.lmcache_config_path)
+    print(f"# LMCache config {s.lmcache_config_path}: chunks separated by blend_special_str {lmc.separator!r} "
+          f"(the prompts splice its token ids), blending {'on' if lmc.blending else 'off'}")
     mode = "sequential (engines share a GPU)" if any(sp.slot.shared for sp in specs) else "concurrent"
     if s.fairness != "auto":
         mode = s.fairness

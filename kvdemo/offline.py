@@ -60,6 +60,7 @@ from . import preflight
 from .config import DEFAULT_MODEL, REPO_ROOT, Settings
 from .engines import BASE_ENGINE_ENV, LMCACHE_KV_TRANSFER
 from .errors import UserFacingError
+from .lmcache_config import LmcacheConfig
 from .prompts import DEFAULT_SEPARATOR, Chunk, ChunkLibrary, PromptBuilder, load_tokenizer, read_chunk
 from .vllm_plugin import ENV_ENABLE as PLUGIN_ENV
 
@@ -514,7 +515,7 @@ class BlendSession:
         self.lmcache_config = preflight.check_lmcache_config(self.config_path)
         if not self.lmcache_config.get("enable_blending"):
             log.warning("%s does not set enable_blending: true; LMCache will not blend", self.config_path)
-        separator = str(self.lmcache_config.get("blend_special_str", DEFAULT_SEPARATOR))
+        separator = LmcacheConfig.from_mapping(self.lmcache_config).separator
         if prompts is None:
             if tokenizer is None:
                 tokenizer = load_tokenizer(Settings(model=model).tokenizer_source,
@@ -866,7 +867,7 @@ def prepare(args: argparse.Namespace, *, check_gpu: bool = True) -> Plan:
     settings = Settings(model=args.model, hf_token=os.environ.get("HF_TOKEN") or None)
     preflight.check_model(settings)
     tokenizer = load_tokenizer(settings.tokenizer_source, token=settings.hf_token)
-    prompts = ChunkPrompts(tokenizer, sys_prompt, str(config.get("blend_special_str", DEFAULT_SEPARATOR)))
+    prompts = ChunkPrompts(tokenizer, sys_prompt, LmcacheConfig.from_mapping(config).separator)
     blend = prompts.build(chunks, args.question)
     if "max_model_len" in kwargs:
         limit, source = int(kwargs["max_model_len"]), "--max-model-len"

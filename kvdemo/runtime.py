@@ -20,8 +20,9 @@ from .config import Settings
 from .engines import EngineProcess, EngineSpec, Watchdog
 from .errors import EngineError, UserFacingError
 from .kvstore import KvStore
+from .lmcache_config import LmcacheConfig
 from .precompute import PrecomputeProgress, PrecomputeRequest, precompute
-from .preflight import check_lmcache_config, check_model, check_port_free, choose_gpus, detect_gpus
+from .preflight import check_model, check_port_free, choose_gpus, detect_gpus
 from .prompts import ChunkLibrary, PromptBuilder, load_tokenizer
 from .scenarios import blend, share
 
@@ -98,7 +99,7 @@ class Runtime:
         """Preflight, start engines in parallel, wait for health (fail fast), load the tokenizer."""
         s = self.settings
         specs = self.plan()
-        check_lmcache_config(s.lmcache_config_path)
+        self.lmcache_config = LmcacheConfig.load(s.lmcache_config_path)
         check_model(s)
         if s.scenario == "share" and not s.attach:
             if s.clear_kv_store:
@@ -108,7 +109,8 @@ class Runtime:
             for spec in specs:
                 check_port_free(spec.port, what=f"engine port ({spec.label})")
         check_port_free(s.port, s.server_name, what="UI port")
-        self.builder = PromptBuilder(load_tokenizer(s.tokenizer_source, s.hf_token), self.library)
+        self.builder = PromptBuilder(load_tokenizer(s.tokenizer_source, s.hf_token), self.library,
+                                     separator=self.lmcache_config.separator)
         if not s.attach:
             self.watchdog = Watchdog()
         for spec in specs:

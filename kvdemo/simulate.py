@@ -316,20 +316,14 @@ def simulated_logprobs(prompt: list[int], n_tokens: int, top_k: int, blend_noise
 
 
 def lmcache_settings(model: str, config_path: Path | None) -> dict:
-    """What the simulator takes from an LMCache yaml: separator ids (as LMCache computes them: encode,
-    drop the first id), whether blending is on, and the chunk size."""
-    from .prompts import DEFAULT_SEPARATOR, load_tokenizer
+    """What the simulator takes from an LMCache yaml (kvdemo.lmcache_config): separator ids (as LMCache
+    computes them: encode, drop the first id), whether blending is on, the chunk size, the recompute ratio."""
+    from .lmcache_config import LmcacheConfig
+    from .prompts import load_tokenizer
 
-    data: dict = {}
-    if config_path and config_path.is_file():
-        import yaml
-
-        data = yaml.safe_load(config_path.read_text()) or {}
-    sep = data.get("blend_special_str", DEFAULT_SEPARATOR)
-    ratios = data.get("blend_recompute_ratios") or [0.15]
-    return {"sep_ids": list(load_tokenizer(model).encode(sep))[1:],
-            "blending": bool(data.get("enable_blending", False)), "chunk_size": int(data.get("chunk_size", 256)),
-            "recompute_ratio": float(ratios[0])}
+    config = LmcacheConfig.load(config_path) if config_path and config_path.is_file() else LmcacheConfig()
+    return {"sep_ids": list(load_tokenizer(model).encode(config.separator))[1:], "blending": config.blending,
+            "chunk_size": config.chunk_size, "recompute_ratio": config.recompute_ratio}
 
 
 def main() -> None:
