@@ -14,8 +14,12 @@ from ..client import RequestStats
 from ..config import Settings, sharing_warning  # noqa: F401 - re-exported for callers
 from ..errors import UserFacingError
 from ..runtime import DEFAULT_CONTEXT_TOKENS, Runtime
+from .api import register as register_api
 from .session import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_TEMPERATURE,
     MAX_TEMPERATURE,
+    MAX_TOKENS,
     ChatState,
     EngineReply,
     answer_agreement,
@@ -25,6 +29,7 @@ from .session import (
 )
 
 PANES = ("lmcache", "plain")
+PRIVATE = "private"  # api_visibility of the page's own events: the API (page and clients) lists /ask alone
 WHY_LONG = ("Blending pays off on **long contexts**: it saves the prefill of reused chunks but costs a fixed "
             "~0.1 s to load and partly recompute them. Measured on one H100 (benchmarks/results/blend-h100.json): "
             "about even with plain vLLM at 4K tokens (sometimes slower), 1.70× faster at 8K, 3.03× at 16K and "
@@ -242,28 +247,30 @@ def build_ui(runtime: Runtime) -> gr.Blocks:
                     ask = gr.Button("Ask", variant="primary", elem_id="ask")
                     clear_btn = gr.Button("Clear chat", elem_id="clear")
                 with gr.Accordion("Generation settings", open=False):
-                    temperature = gr.Slider(0.0, MAX_TEMPERATURE, value=0.0, step=0.05, label="Temperature",
-                                            elem_id="temperature")
-                    max_tokens = gr.Slider(1, 2048, value=128, step=1, label="Max tokens", elem_id="max-tokens")
+                    temperature = gr.Slider(0.0, MAX_TEMPERATURE, value=DEFAULT_TEMPERATURE, step=0.05,
+                                            label="Temperature", elem_id="temperature")
+                    max_tokens = gr.Slider(1, MAX_TOKENS, value=DEFAULT_MAX_TOKENS, step=1, label="Max tokens",
+                                           elem_id="max-tokens")
                     engines = gr.CheckboxGroup(labels, value=labels, label="Engines that answer",
                                                elem_id="engines")
                 gr.Markdown(mode_markdown(runtime), elem_id="mode")
 
         for trigger in (chunks.change, sys_prompt.change):
-            trigger(context_info, [chunks, sys_prompt], [info, context_view], queue=False)
-        up.click(lambda n, t: move(n, t, -1), [chunks, move_target], chunks, queue=False)
-        down.click(lambda n, t: move(n, t, +1), [chunks, move_target], chunks, queue=False)
-        reverse.click(lambda n: list(reversed(n or [])), chunks, chunks, queue=False)
-        shuffle.click(shuffled, chunks, chunks, queue=False)
+            trigger(context_info, [chunks, sys_prompt], [info, context_view], queue=False, api_visibility=PRIVATE)
+        up.click(lambda n, t: move(n, t, -1), [chunks, move_target], chunks, queue=False, api_visibility=PRIVATE)
+        down.click(lambda n, t: move(n, t, +1), [chunks, move_target], chunks, queue=False, api_visibility=PRIVATE)
+        reverse.click(lambda n: list(reversed(n or [])), chunks, chunks, queue=False, api_visibility=PRIVATE)
+        shuffle.click(shuffled, chunks, chunks, queue=False, api_visibility=PRIVATE)
         inputs = [question, chunks, sys_prompt, temperature, max_tokens, engines, state]
         prepared_outputs = [state, notice, *chats, question]
         streamed_outputs = [*chats, *stats, badge, agreement, state]
         for trigger in (ask.click, question.submit):
-            trigger(prepare, inputs, prepared_outputs, queue=False).then(stream, [sys_prompt, state],
-                                                                         streamed_outputs)
-        clear_btn.click(clear, state, [state, *chats, *stats, badge, agreement], queue=False)
+            trigger(prepare, inputs, prepared_outputs, queue=False, api_visibility=PRIVATE).then(
+                stream, [sys_prompt, state], streamed_outputs, api_visibility=PRIVATE)
+        clear_btn.click(clear, state, [state, *chats, *stats, badge, agreement], queue=False, api_visibility=PRIVATE)
         for key, button in restarts.items():
             button.click(lambda k=key: restart(k), None, notice, concurrency_limit=1,
-                         concurrency_id="restart")
-        gr.Timer(2.0).tick(runtime.status_line, None, status, queue=False)
+                         concurrency_id="restart", api_visibility=PRIVATE)
+        gr.Timer(2.0).tick(runtime.status_line, None, status, queue=False, api_visibility=PRIVATE)
+        register_api(runtime)  # the one public endpoint, /ask (ui/api.py)
     return demo

@@ -6,6 +6,7 @@ Kept free of Gradio so the logic is testable on its own; ui/app.py only wires it
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -15,6 +16,9 @@ from ..errors import EngineError, UserFacingError
 from ..runtime import Runtime
 
 MAX_TEMPERATURE = 2.0
+DEFAULT_TEMPERATURE = 0.0
+MAX_TOKENS = 2048  # the page's "Max tokens" slider, and what /ask accepts
+DEFAULT_MAX_TOKENS = 128
 ANSWER_RESERVE_TOKENS = 1
 
 
@@ -66,11 +70,14 @@ def validate_turn(runtime: Runtime, question: str, chunk_names: list[str] | None
     question = (question or "").strip()
     if not question:
         raise UserFacingError("Type a question first.")
-    if temperature is None or not 0.0 <= float(temperature) <= MAX_TEMPERATURE:
+    temperature = _number(temperature, float)
+    if temperature is None or not 0.0 <= temperature <= MAX_TEMPERATURE:
         raise UserFacingError(f"Temperature must be between 0 and {MAX_TEMPERATURE}.")
-    max_tokens = int(max_tokens or 0)
-    if max_tokens < 1:
+    max_tokens = _number(max_tokens or 0, int)
+    if max_tokens is None or max_tokens < 1:
         raise UserFacingError("Max tokens must be at least 1.")
+    if max_tokens > MAX_TOKENS:
+        raise UserFacingError(f"Max tokens must be at most {MAX_TOKENS}.")
     labels = {h.spec.label: h.spec.key for h in runtime.engines}
     keys = [labels[x] for x in (engine_labels or []) if x in labels]
     if not keys:
@@ -85,7 +92,20 @@ def validate_turn(runtime: Runtime, question: str, chunk_names: list[str] | None
         raise UserFacingError(f"Context is {len(ids):,} tokens + {max_tokens} to generate, over the model's limit of "
                               f"{limit:,} (--max-model-len): deselect chunks or lower max tokens.")
     note = "" if names else "No chunks selected: answering from the question alone (nothing to reuse)."
-    return Turn(question, names, ids, keys, float(temperature), max_tokens, note)
+    return Turn(question, names, ids, keys, temperature, max_tokens, note)
+
+
+def _number(value, kind: type) -> float | int | None:
+    """A number from the page or from /ask (where it may be any JSON value); None if it is not one."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        x = float(value)
+    except ValueError:
+        return None
+    if math.isnan(x) or (kind is int and not x.is_integer()):  # NaN, or 12.5 tokens
+        return None
+    return int(x) if kind is int else x
 
 
 async def stream_turn(runtime: Runtime, turn: Turn) -> AsyncIterator[dict[str, EngineReply]]:
