@@ -79,6 +79,18 @@ def plan_variants(ratios: list[float], baseline_fixes: str | None, equivalence_r
     return variants
 
 
+def parse_ratios(flag: str, text: str) -> list[float]:
+    """``0.15,1.0`` → [0.15, 1.0]; anything but ratios in (0, 1] is a one-line error naming the flag."""
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or not all(0 < v <= 1 for v in values):
+        raise UserFacingError(f"{flag} takes recompute ratios in (0, 1] separated by commas, e.g. 0.15,1.0 "
+                              f"(got {text!r}).")
+    return values
+
+
 def write_variant_config(base: Path, variant: Variant, out_dir: Path) -> Path:
     """The app's LMCache yaml with this variant's ratio (and a CPU cache sized for many engines)."""
     data = yaml.safe_load(base.read_text()) or {}
@@ -211,10 +223,15 @@ def run_quality(a, settings: Settings, argv_text: str) -> dict:
     """Start the engines, measure, write JSON(s) + PNG; returns the headline result."""
     from .bench import gpu_slug, token_counts, versions
 
-    ratios = [float(x) for x in a.ratios.split(",")]
-    eq_ratios = [float(x) for x in a.equivalence_ratios.split(",")] if a.equivalence_ratios.strip() else []
+    ratios = parse_ratios("--ratios", a.ratios)
+    eq_ratios = parse_ratios("--equivalence-ratios", a.equivalence_ratios) if a.equivalence_ratios.strip() else []
     variants = plan_variants(ratios, a.baseline_fixes or None, eq_ratios)
-    min_ctx, max_ctx = token_counts("--quality-context", a.quality_context)
+    bounds = token_counts("--quality-context", a.quality_context)
+    if len(bounds) != 2 or bounds[0] > bounds[1]:
+        raise UserFacingError(f"--quality-context takes min,max tokens, e.g. 4000,7000 (got {a.quality_context!r}).")
+    min_ctx, max_ctx = bounds
+    if a.prompts < 1:
+        raise UserFacingError("--prompts must be at least 1.")
     out = Path(a.out)
     if settings.simulate and out.resolve() == (REPO_ROOT / "benchmarks" / "results").resolve():
         raise UserFacingError("benchmarks/results holds GPU measurements only: give --out for a SIMULATED run.")

@@ -142,8 +142,20 @@ def test_quality_bench_against_simulated_engines(tmp_path: Path):
     assert eq["recompute_ratio"] == 1.0 and eq["fixes_minimal"] == "register,mistral,split,mask" and eq["passed"]
 
 
-def test_quality_bench_refuses_bad_flags():
-    with pytest.raises(UserFacingError, match="must also be in --ratios"):
-        quality_bench.plan_variants([0.15], None, [1.0])
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--ratios", "0.15,abc"], "--ratios takes recompute ratios"),
+    (["--ratios", "0,1.0"], "--ratios takes recompute ratios"),
+    (["--equivalence-ratios", "2"], "--equivalence-ratios takes recompute ratios"),
+    (["--equivalence-ratios", "0.25"], "must also be in --ratios"),
+    (["--quality-context", "7000"], "--quality-context takes min,max"),
+    (["--quality-context", "7000,4000"], "--quality-context takes min,max"),
+    (["--prompts", "0"], "--prompts must be at least 1"),
+])
+def test_quality_bench_refuses_bad_flags_in_one_line(tmp_path: Path, flags: list[str], message: str):
+    with pytest.raises(UserFacingError, match=message):
+        bench.run(["--quality", "--simulate", "--out", str(tmp_path), *flags])
+
+
+def test_simulated_quality_never_goes_to_benchmarks_results():
     with pytest.raises(UserFacingError, match="GPU measurements only"):
         bench.run(["--quality", "--simulate"])
