@@ -87,7 +87,10 @@ class EngineSpec:
         # `python -m vllm.entrypoints.cli.main` is what the `vllm` console script runs; it works even
         # when the script is not on PATH (e.g. a --target install).
         cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", self.model,
-               "--host", "127.0.0.1", "--port", str(self.port), "--max-model-len", str(self.effective_max_model_len)]
+               "--host", "127.0.0.1", "--port", str(self.port), "--max-model-len", str(self.effective_max_model_len),
+               # per-request usage.prompt_tokens_details.cached_tokens: vLLM's prefix-cache hits plus tokens an
+               # external KV connector (LMCache) loaded: each answer's own reuse, not a counter delta
+               "--enable-prompt-tokens-details"]
         fraction = self.gpu_memory_utilization or self.slot.memory_fraction
         cmd += ["--gpu-memory-utilization", f"{fraction:.2f}"]
         kv_gib = self.effective_kv_cache_gib

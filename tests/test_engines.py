@@ -57,6 +57,7 @@ def test_lmcache_engine_argv():
     assert "--no-enable-prefix-caching" in argv and "--enable-prefix-caching" not in argv
     assert flag_value(argv, "--attention-backend") == "FLASH_ATTN"
     assert "--kv-cache-memory-bytes" not in argv  # own GPU: let vLLM profile
+    assert "--enable-prompt-tokens-details" in argv  # per-request cached tokens (LMCache's loads included)
 
 
 def test_plain_engine_argv():
@@ -65,6 +66,7 @@ def test_plain_engine_argv():
     assert "--no-enable-prefix-caching" not in argv and "--kv-transfer-config" not in argv
     assert "--attention-backend" not in argv
     assert flag_value(argv, "--port") == "8001"
+    assert "--enable-prompt-tokens-details" in argv  # per-request prefix-cache hits
 
 
 def test_lmcache_engine_env():
