@@ -35,6 +35,7 @@ class RequestStats:
 @dataclass
 class TextDelta:
     text: str
+    tokens: int = 0  # completion tokens streamed so far, this one included
 
 
 @dataclass
@@ -81,6 +82,8 @@ class EngineClient:
         stream = await self._call(self._client.completions.create(
             model=model, prompt=[], max_tokens=max_tokens, temperature=temperature, stream=True,
             stream_options={"include_usage": True}, extra_body=extra))
+        # The finally closes the HTTP stream however this generator ends: vLLM aborts a request whose stream
+        # is closed, so a consumer that stops early (the page's Stop button) stops the engine's work too.
         try:
             async for chunk in stream:
                 if chunk.usage is not None:
@@ -94,11 +97,13 @@ class EngineClient:
                     if not chunk.usage:
                         n_tokens += 1
                     if choice.text:
-                        yield TextDelta(choice.text)
+                        yield TextDelta(choice.text, n_tokens)
         except (openai.APIConnectionError, openai.APITimeoutError, httpx.HTTPError) as exc:
             # A dying engine breaks the stream: openai does not wrap errors raised while iterating it.
             raise EngineError(f"{self.label} stopped answering mid-stream ({type(exc).__name__}).",
                               self.key) from exc
+        finally:
+            await stream.close()
         end = time.perf_counter()
         yield Finished(RequestStats(ttft_s=(first or end) - start, total_s=end - start,
                                     completion_tokens=n_tokens, prompt_tokens=prompt_tokens, cached_tokens=cached))

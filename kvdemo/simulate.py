@@ -261,14 +261,21 @@ def build_app(engine: SimulatedEngine, model_name: str):
             return {**chunk("".join(words), "length"), "usage": usage}
 
         async def events() -> AsyncIterator[str]:
-            for i, word in enumerate(words):
-                if i:
-                    await asyncio.sleep(engine.costs.scaled(1 / engine.costs.decode_tok_s))
-                last = i == len(words) - 1
-                yield f"data: {json.dumps(chunk(word, 'length' if last else None))}\n\n"
-            if (body.get("stream_options") or {}).get("include_usage"):
-                yield f"data: {json.dumps(chunk('', usage=usage))}\n\n"
-            yield "data: [DONE]\n\n"
+            sent = 0
+            try:
+                for i, word in enumerate(words):
+                    if i:
+                        await asyncio.sleep(engine.costs.scaled(1 / engine.costs.decode_tok_s))
+                    last = i == len(words) - 1
+                    yield f"data: {json.dumps(chunk(word, 'length' if last else None))}\n\n"
+                    sent = i + 1
+                if (body.get("stream_options") or {}).get("include_usage"):
+                    yield f"data: {json.dumps(chunk('', usage=usage))}\n\n"
+                yield "data: [DONE]\n\n"
+            except (asyncio.CancelledError, GeneratorExit):  # the client closed the stream: vLLM aborts then
+                log.info("request %s: client disconnected after %d of %d tokens, aborted (SIMULATED)",
+                         rid, sent, len(words))
+                raise
             log.info("request %s: %d prompt tokens, %d reused, %.3f s to first token (SIMULATED)",
                      rid, len(prompt), reused, time.perf_counter() - start)
 

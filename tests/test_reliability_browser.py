@@ -8,7 +8,9 @@
 - UI-level mistakes: no chunks (allowed, and said so), a context over --max-model-len (refused with the
   count before anything is sent), an empty question;
 - sharing safety: --auth puts Gradio's login in front of the page and of its API; binding 0.0.0.0 without
-  --auth prints a warning.
+  --auth prints a warning;
+- Stop while both engines answer: the partial answers stay, marked stopped, both engines see the streams
+  closed, and the next question is answered normally.
 
 Each app's teardown stops it with Ctrl-C (SIGINT) and checks that none of its processes is left.
 """
@@ -97,6 +99,14 @@ def stop(app: App) -> None:
 def app(tmp_path_factory) -> Iterator[App]:
     """Simulated delays at full length (--sim-speed 1): an answer streams for about a second."""
     a = launch(tmp_path_factory.mktemp("app"), "--simulate", "--sim-speed", "1")
+    yield a
+    stop(a)
+
+
+@pytest.fixture(scope="module")
+def slow_app(tmp_path_factory) -> Iterator[App]:
+    """--sim-speed 0.5: answers stream at 30 tokens/s (the longest, 64 tokens, for ~2 s): time to click Stop."""
+    a = launch(tmp_path_factory.mktemp("slow-app"), "--simulate", "--sim-speed", "0.5")
     yield a
     stop(a)
 
@@ -361,6 +371,64 @@ def test_context_over_max_model_len_is_refused_with_the_count(locked_app, pages,
     assert "deselect chunks or lower max tokens" in text(page, "#notice")
     for key in ("lmcache", "plain"):  # refused before sending: no turn was started
         assert question not in text(page, f"#chat-{key}") and "…" not in text(page, f"#chat-{key}")
+
+
+# ----- Stop ------------------------------------------------------------------------------------------
+
+STOPPED = re.compile(r"⏹ stopped after (\d+) tokens?")
+
+
+@pytest.mark.browser
+def test_stop_while_both_answer_then_ask_again(slow_app, pages, builder):
+    page = pages.new(slow_app.url)
+    wait_healthy(page)
+    page.locator("#status").get_by_text("precomputed").wait_for(timeout=60_000)  # nothing else keeps them busy
+    page.locator("#chunks .remove-all").click()  # question only: a short prefill, then the long answer
+    page.locator("#context-info").get_by_text("(no chunks: question only)").wait_for()
+    page.get_by_text("Generation settings").click()
+    max_tokens = page.locator("#max-tokens input[type=number]")
+    max_tokens.fill("2048")
+    max_tokens.press("Enter")
+    wait_until(lambda: page.locator("#max-tokens input[type=range]").input_value() == "2048", 15,
+               "max tokens to be 2048")
+    candidates = [f"What does section {i} say about names?" for i in range(12)]
+    question = max(candidates, key=lambda q: len(_answer_words(builder.build([], q), 2048, False)))
+    full = len(_answer_words(builder.build([], question), 2048, False))
+
+    ask(page, question)
+    page.wait_for_function("""() => ['#chat-lmcache', '#chat-plain'].every(
+                                   s => document.querySelector(s).innerText.includes('[SIMULATED]'))""",
+                           timeout=30_000)
+    page.locator("#stop").click()
+
+    # Both partial answers stay, marked stopped in the pane and in its stats line; no error anywhere.
+    for key in ("lmcache", "plain"):
+        page.locator(f"#stats-{key}").get_by_text("stopped after").wait_for()
+        m = STOPPED.search(text(page, f"#stats-{key}"))
+        assert m and 1 <= int(m.group(1)) < full, text(page, f"#stats-{key}")
+        pane = text(page, f"#chat-{key}")
+        assert question in pane and "[SIMULATED]" in pane and m.group(0) in pane, pane
+        assert "TTFT" not in pane and "⚠️" not in pane, pane
+        # The engine saw the client close the stream mid-answer (the simulator's log, as vLLM aborts then).
+        log = slow_app.log_dir / f"{key}.log"
+        wait_until(lambda log=log: "client disconnected after" in log.read_text(errors="replace"), 15,
+                   f"{key}'s engine to log the disconnect")
+    assert page.locator(".toast-body").count() == 0, page.locator(".toast-body").all_inner_texts()
+    assert "⚠️" not in text(page, "#notice"), text(page, "#notice")
+
+    # Stop with nothing streaming changes nothing; the next question is answered normally.
+    before = [text(page, s) for s in ("#chat-lmcache", "#chat-plain", "#stats-lmcache", "#stats-plain")]
+    page.locator("#stop").click()
+    ask(page, "And in one sentence?")
+    wait_for_answers(page, 1, 1)
+    for key, earlier in zip(("lmcache", "plain"), before):
+        pane = text(page, f"#chat-{key}")
+        assert pane.startswith(earlier.rstrip()) or earlier.strip() in pane, (earlier, pane)
+        assert pane.count("⏹ stopped") == 1 and "And in one sentence?" in pane, pane
+        assert re.search(r"TTFT [\d.]+ s", text(page, f"#stats-{key}")), text(page, f"#stats-{key}")
+        assert "stopped" not in text(page, f"#stats-{key}")
+    assert page.locator(".toast-body").count() == 0
+    assert "Traceback" not in slow_app.text(), slow_app.text()[-3000:]
 
 
 # ----- sharing without a login -----------------------------------------------------------------------

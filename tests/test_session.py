@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
+import time
 
 import pytest
 from conftest import LABELS, SIM_MAX_MODEL_LEN, SIM_MODEL, make_runtime
-from helpers import free_port
+from helpers import free_port, wait_until
 
 from kvdemo.client import RequestStats
 from kvdemo.engines import EngineProcess
 from kvdemo.errors import UserFacingError
 from kvdemo.runtime import EngineHandle, Runtime
+from kvdemo.simulate import _answer_words, _hash
 from kvdemo.ui.session import (
     MAX_TEMPERATURE,
     EngineReply,
@@ -224,3 +227,76 @@ def test_engine_crash_mid_answer_shows_its_log(builder, sim_engines, tmp_path):
     assert plain.done and plain.stats is None and plain.text.startswith("[SIMULATED]")
     assert plain.error.startswith("🐢 plain vLLM crashed") and "exit code -9" in plain.error
     assert "last lines of its log" in plain.error and "SIMULATED plain engine" in plain.error
+
+
+def test_stop_mid_answer_keeps_the_partial_answers_and_aborts_both_requests(builder, sim_engines, tmp_path):
+    """The Stop button's cancel, at the session level: the task iterating stream_turn is cancelled while both
+    engines stream. Both partial answers are kept and marked stopped, both engines see the client close the
+    stream (their requests are aborted, not finished), and the next turn streams normally."""
+    slow: dict[str, EngineHandle] = {}
+    for key, h in sim_engines.items():  # 30 tok/s: a 64-token answer streams for ~2 s
+        spec = dataclasses.replace(h.spec, port=free_port(), sim_speed=0.5)
+        slow[key] = EngineHandle(spec, EngineProcess(spec, tmp_path), SIM_MODEL)
+    try:
+        for h in slow.values():
+            h.process.start()
+        for h in slow.values():
+            h.process.wait_healthy(60, poll_s=0.1)
+        runtime = make_runtime(builder, handles=slow)
+        assert not runtime.sequential
+        max_tokens = 2048
+        candidates = [f"What does section {i} say about names?" for i in range(12)]
+        t = max((turn(runtime, question=q, names=[], max_tokens=max_tokens) for q in candidates),
+                key=lambda t: len(_answer_words(t.prompt_ids, max_tokens, False)))
+        full = len(_answer_words(t.prompt_ids, max_tokens, False))
+        assert full == 64  # the simulator's longest answer: it ends an answer after 24 to 64 tokens
+        replies: dict[str, EngineReply] = {}
+
+        async def consume() -> None:
+            async for _ in stream_turn(runtime, t, replies):
+                pass
+
+        rid = re.escape(f"cmpl-sim-{_hash(t.prompt_ids)[:8]}-")
+
+        def disconnect(h: EngineHandle) -> re.Match | None:
+            return re.search(rid + r"\d+: client disconnected after (\d+) of (\d+) tokens",
+                             h.process.log_path.read_text(errors="replace"))
+
+        async def go() -> float:
+            task = asyncio.create_task(consume())
+            deadline = time.monotonic() + 30
+            while not (len(replies) == 2 and all(r.tokens >= 3 for r in replies.values())):
+                assert not task.done() and time.monotonic() < deadline, f"both engines streaming: {replies}"
+                await asyncio.sleep(0.01)
+            t0 = time.monotonic()
+            task.cancel()  # what Gradio does to the running `stream` event when Stop is clicked
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            cancel_s = time.monotonic() - t0
+            # Each engine logs the client's disconnect mid-answer, while this event loop is blocked (wait_until
+            # sleeps): the streams were closed by the time the cancel returned, not left to the loop's teardown.
+            for key, h in slow.items():
+                m = wait_until(lambda h=h: disconnect(h), 10, f"{key}'s engine to log the client's disconnect")
+                sent, total = int(m.group(1)), int(m.group(2))
+                assert total == full and replies[key].tokens <= sent < full, (key, m.group(0), replies[key])
+            return cancel_s
+
+        cancel_s = asyncio.run(go())
+        assert cancel_s < 2, f"closing both streams took {cancel_s:.1f} s"
+        for key, reply in replies.items():
+            assert reply.stopped and reply.stats is None and reply.error is None, (key, reply)
+            assert reply.text.startswith("[SIMULATED]") and 3 <= reply.tokens < full, (key, reply)
+            assert len(reply.text.split()) == reply.tokens, (key, reply)  # one word per simulated token
+            log = slow[key].process.log_path.read_text(errors="replace")
+            assert not re.search(rid + r"\d+: \d+ prompt tokens", log), f"{key}'s engine finished the stopped request"
+
+        # The next turn streams normally.
+        final = collect(runtime, turn(runtime, names=[], max_tokens=8))[-1]
+        for reply in final.values():
+            assert reply.done and not reply.stopped and reply.error is None and reply.stats is not None
+            assert reply.tokens == reply.stats.completion_tokens == 8
+    finally:
+        for h in slow.values():
+            h.process.stop(grace_s=2)

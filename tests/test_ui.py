@@ -6,6 +6,8 @@ What a browser can hardly time reliably lives here: a second question, or "Clear
 from __future__ import annotations
 
 import asyncio
+import re
+import time
 
 import pytest
 from conftest import LABELS, make_runtime
@@ -126,6 +128,100 @@ def test_clear_chat_while_streaming(ui):
     ask(runtime, fns, state, "After clearing?")
     asyncio.run(drain(fns["stream"](runtime.library.sys_prompt, state)))
     assert messages(state, "plain")[0] == "After clearing?" and "TTFT" in messages(state, "plain")[1]
+
+
+STOPPED = re.compile(r"\*\*(⏹ stopped (?:after (\d+) tokens?|before the first token))\*\* \(SIMULATED\)")
+
+
+def assert_stopped(outs, state: ChatState) -> None:
+    """The Stop button's outputs: both panes' answers stopped (partial text kept), no badge, no agreement."""
+    *chats, stats_lm, stats_plain, badge, agreement = outs
+    for key, chat, stats in zip(("lmcache", "plain"), chats, (stats_lm, stats_plain)):
+        m = STOPPED.fullmatch(stats)
+        assert m, stats
+        last = chat[-1]["content"]
+        assert last.endswith(f"`{m.group(1)}`") and "TTFT" not in last and "⚠️" not in last, last
+        assert state.stopped[key] == int(m.group(2) or 0)
+    assert badge == agreement == "" and state.answers == {}
+    assert not state.streaming and state.pending is None
+
+
+def test_stop_mid_answer_keeps_the_partial_answers(ui):
+    """Stop, in-process: Gradio closes the cancelled `stream` generator (here at its yield, as its /cancel does
+    when the event is between two steps), then the Stop button's own event, `stop`, shows the stopped answers."""
+    runtime, fns = ui
+    state = ChatState()
+    ask(runtime, fns, state, "Stop me mid-answer?", max_tokens=2048)
+
+    async def go():
+        agen = fns["stream"](runtime.library.sys_prompt, state)
+        async for out in agen:
+            if any("[SIMULATED]" in chat[-1]["content"] for chat in out[:2]):
+                break  # the first words are in: both answers are 24 to 64 tokens long
+        await agen.aclose()
+        return await fns["stop"](state)
+
+    outs = asyncio.run(go())
+    assert_stopped(outs, state)
+    assert any("[SIMULATED]" in chat[-1]["content"] for chat in outs[:2])  # the partial answer stays
+    assert asyncio.run(fns["stop"](state)) == outs  # Stop again: nothing changes
+
+    # The next question streams normally, and its panes show timings again.
+    _, notice, *_ = ask(runtime, fns, state, "And now the whole answer?")
+    assert "Still answering" not in notice
+    chat_lm, chat_plain, stats_lm, stats_plain, *_ = asyncio.run(drain(
+        fns["stream"](runtime.library.sys_prompt, state)))[-1]
+    assert all("TTFT" in chat[-1]["content"] for chat in (chat_lm, chat_plain))
+    assert stats_lm.startswith("TTFT") and stats_plain.startswith("TTFT") and state.stopped == {}
+    assert "⏹ stopped" in chat_lm[-3]["content"]  # the stopped answer stays in the history
+
+
+def test_stop_waits_for_the_cancel_of_the_running_stream(ui):
+    """The Stop button's `stop` may start before Gradio's cancel reaches the streaming task: it waits for it."""
+    runtime, fns = ui
+    state = ChatState()
+    ask(runtime, fns, state, "Cancel this task?", max_tokens=2048)
+
+    async def go():
+        outs: list[tuple] = []
+
+        async def consume():
+            async for out in fns["stream"](runtime.library.sys_prompt, state):
+                outs.append(out)
+
+        task = asyncio.create_task(consume())
+        deadline = time.monotonic() + 30
+        while not outs:
+            assert time.monotonic() < deadline and not task.done(), "no answer began streaming"
+            await asyncio.sleep(0.01)
+        stopping = asyncio.create_task(fns["stop"](state))
+        await asyncio.sleep(0)  # `stop` runs up to its first wait
+        assert not stopping.done() and state.streaming
+        task.cancel()  # what Gradio's cancel does to the running `stream` event
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        return await stopping
+
+    assert_stopped(asyncio.run(go()), state)
+
+
+def test_stop_of_a_turn_not_yet_streaming_and_with_nothing_to_stop(ui):
+    runtime, fns = ui
+    state = ChatState()
+    assert asyncio.run(fns["stop"](state)) == ([], [], "", "", "", "")  # nothing asked yet: nothing changes
+
+    ask(runtime, fns, state, "Stopped before it began?")  # prepared; its `stream` event has not started
+    outs = asyncio.run(fns["stop"](state))
+    assert_stopped(outs, state)
+    assert all(chat[-1]["content"] == "`⏹ stopped before the first token`" for chat in outs[:2])
+    assert asyncio.run(drain(fns["stream"](runtime.library.sys_prompt, state))) == []  # nothing left to stream
+
+    ask(runtime, fns, state, "And this one?")
+    last = asyncio.run(drain(fns["stream"](runtime.library.sys_prompt, state)))[-1]
+    assert asyncio.run(fns["stop"](state)) == last[:-1]  # after a finished turn, Stop changes nothing
+    assert all("TTFT" in chat[-1]["content"] for chat in last[:2])
 
 
 def test_invalid_question_adds_no_turn(ui):

@@ -6,7 +6,10 @@ data is in a gr.State (ChatState); the Runtime (engines) is shared by nature.
 
 from __future__ import annotations
 
+import asyncio
 import random
+import time
+from contextlib import aclosing
 
 import gradio as gr
 
@@ -22,6 +25,7 @@ from .session import (
     MAX_TOKENS,
     ChatState,
     EngineReply,
+    Turn,
     answer_agreement,
     speedup,
     stream_turn,
@@ -30,6 +34,7 @@ from .session import (
 
 PANES = ("lmcache", "plain")
 PRIVATE = "private"  # api_visibility of the page's own events: the API (page and clients) lists /ask alone
+STOP_WAIT_S = 10.0  # how long Stop waits for Gradio's cancel to end the running answers (it takes milliseconds)
 WHY_LONG = ("Blending pays off on **long contexts**: it saves the prefill of reused chunks but costs a fixed "
             "~0.1 s to load and partly recompute them. Measured on one H100 (benchmarks/results/blend-h100.json): "
             "about even with plain vLLM at 4K tokens (sometimes slower), 1.70× faster at 8K, 3.03× at 16K and "
@@ -56,6 +61,19 @@ def stats_markdown(stats: RequestStats | None, runtime: Runtime) -> str:
     tok_s = f"{stats.decode_tok_s:.0f} tok/s" if stats.decode_tok_s else "n/a"
     return (f"TTFT **{stats.ttft_s:.3f} s** · decode {tok_s} · {stats.prompt_tokens:,} prompt tokens"
             f"{_sim(runtime)}")
+
+
+def stopped_text(tokens: int) -> str:
+    if tokens == 0:
+        return "⏹ stopped before the first token"
+    return f"⏹ stopped after {tokens} token{'s' if tokens != 1 else ''}"
+
+
+def pane_stats_markdown(state: ChatState, key: str, runtime: Runtime) -> str:
+    """A pane's stats line: the last answer's timings, or how far it got if Stop cut it."""
+    if key in state.stopped:
+        return f"**{stopped_text(state.stopped[key])}**{_sim(runtime)}"
+    return stats_markdown(state.last_stats.get(key), runtime)
 
 
 def speedup_markdown(state: ChatState, runtime: Runtime) -> str:
@@ -89,6 +107,8 @@ def mode_markdown(runtime: Runtime) -> str:
 
 
 def _reply_message(reply: EngineReply, runtime: Runtime) -> str:
+    if reply.stopped:
+        return reply.text + ("\n\n" if reply.text else "") + f"`{stopped_text(reply.tokens)}`"
     if reply.error:
         text = reply.text + ("\n\n" if reply.text else "")
         first, _, rest = reply.error.partition("\n")
@@ -148,6 +168,7 @@ def build_ui(runtime: Runtime) -> gr.Blocks:
             ])
             state.last_stats.pop(key, None)
         state.answers.clear()
+        state.stopped.clear()
         state.temperature = turn.temperature
         state.pending = turn
         return state, " ".join(notes), *_chats(state), ""
@@ -155,31 +176,72 @@ def build_ui(runtime: Runtime) -> gr.Blocks:
     def _chats(state: ChatState) -> list[list[dict]]:
         return [list(state.histories.get(k, [])) for k in PANES]
 
+    def record(state: ChatState, turn: Turn, replies: dict[str, EngineReply], stopped: bool = False) -> None:
+        """Write the replies so far into the session's chat; `stopped`: the turn was cut short (Stop)."""
+        for key in turn.engine_keys:
+            reply = replies.get(key)
+            if reply is None:  # stopped before this engine was asked
+                if not stopped:
+                    continue
+                reply = EngineReply(stopped=True)
+            history = state.histories.get(key)
+            if not history:
+                continue  # "Clear chat" was clicked while this turn streamed
+            history[-1] = {"role": "assistant", "content": _reply_message(reply, runtime)}
+            if reply.stats and not reply.error:
+                state.last_stats[key] = reply.stats
+            if reply.stopped:
+                state.stopped[key] = reply.tokens
+            elif reply.done and not reply.error:
+                state.answers[key] = reply.text
+
+    def outputs(state: ChatState) -> tuple:
+        return (*_chats(state), *[pane_stats_markdown(state, k, runtime) for k in PANES],
+                speedup_markdown(state, runtime), agreement_markdown(state, runtime))
+
     async def stream(sys_prompt: str, state: ChatState):
         turn = state.pending
         if turn is None:
             return
         state.pending = None
         state.streaming = True
+        replies: dict[str, EngineReply] = {}
+        finished = False
         try:
             try:
                 await runtime.ensure_sys_prompt_cached(sys_prompt)
             except UserFacingError:
                 pass  # the LMCache engine's own reply will carry the error
-            async for replies in stream_turn(runtime, turn):
-                for key, reply in replies.items():
-                    history = state.histories.get(key)
-                    if not history:
-                        continue  # "Clear chat" was clicked while this turn streamed
-                    history[-1] = {"role": "assistant", "content": _reply_message(reply, runtime)}
-                    if reply.stats and not reply.error:
-                        state.last_stats[key] = reply.stats
-                    if reply.done and not reply.error:
-                        state.answers[key] = reply.text
-                yield (*_chats(state), *[stats_markdown(state.last_stats.get(k), runtime) for k in PANES],
-                       speedup_markdown(state, runtime), agreement_markdown(state, runtime), state)
+            async with aclosing(stream_turn(runtime, turn, replies)) as updates:
+                async for _ in updates:
+                    record(state, turn, replies)
+                    yield (*outputs(state), state)
+            finished = True
         finally:
+            # Stop cancels this event: Gradio cancels the task iterating this generator (CancelledError at its
+            # current await) or closes it at its `yield` (GeneratorExit); either way `aclosing` has closed
+            # stream_turn, which closed both engine streams. Keep the partial answers, marked stopped; the
+            # Stop button's own event shows them (a cancelled generator yields nothing more).
+            if not finished:
+                record(state, turn, replies, stopped=True)
             state.streaming = False
+
+    async def stop(state: ChatState):
+        """The Stop button, after Gradio has cancelled `stream` (cancels=): show the stopped answers.
+
+        Both events start on the same click, so the cancel may land a moment after this runs: wait for it.
+        A turn prepared but not yet streaming is dropped here. With nothing in flight, this shows the chat as
+        it is (nothing changes).
+        """
+        deadline = time.monotonic() + STOP_WAIT_S
+        while state.streaming and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if state.streaming:
+            return tuple(gr.skip() for _ in range(2 * len(PANES) + 2))
+        if state.pending is not None:  # asked, but its answers had not begun: `stream` will find nothing to do
+            turn, state.pending = state.pending, None
+            record(state, turn, {}, stopped=True)
+        return outputs(state)
 
     def restart(key: str) -> str:
         """Blocking (runs in Gradio's worker thread): the engine is back, or the message says why not."""
@@ -245,6 +307,7 @@ def build_ui(runtime: Runtime) -> gr.Blocks:
                                       "body?", elem_id="question")
                 with gr.Row():
                     ask = gr.Button("Ask", variant="primary", elem_id="ask")
+                    stop_btn = gr.Button("⏹ Stop", variant="stop", elem_id="stop")
                     clear_btn = gr.Button("Clear chat", elem_id="clear")
                 with gr.Accordion("Generation settings", open=False):
                     temperature = gr.Slider(0.0, MAX_TEMPERATURE, value=DEFAULT_TEMPERATURE, step=0.05,
@@ -264,9 +327,14 @@ def build_ui(runtime: Runtime) -> gr.Blocks:
         inputs = [question, chunks, sys_prompt, temperature, max_tokens, engines, state]
         prepared_outputs = [state, notice, *chats, question]
         streamed_outputs = [*chats, *stats, badge, agreement, state]
-        for trigger in (ask.click, question.submit):
-            trigger(prepare, inputs, prepared_outputs, queue=False, api_visibility=PRIVATE).then(
-                stream, [sys_prompt, state], streamed_outputs, api_visibility=PRIVATE)
+        streams = [trigger(prepare, inputs, prepared_outputs, queue=False, api_visibility=PRIVATE).then(
+                       stream, [sys_prompt, state], streamed_outputs, api_visibility=PRIVATE)
+                   for trigger in (ask.click, question.submit)]
+        # Stop: Gradio's cancel (cancels=; the event it adds is private too) cancels this session's `stream`, then
+        # `stop` shows the stopped answers. The page runs one click's events in the order they were added, each
+        # after the one before has finished, so the cancel is added first: `stop` waits for it to land.
+        stop_btn.click(None, None, None, cancels=streams, api_visibility=PRIVATE)
+        stop_btn.click(stop, state, streamed_outputs[:-1], api_visibility=PRIVATE)
         clear_btn.click(clear, state, [state, *chats, *stats, badge, agreement], queue=False, api_visibility=PRIVATE)
         for key, button in restarts.items():
             button.click(lambda k=key: restart(k), None, notice, concurrency_limit=1,

@@ -9,6 +9,7 @@ import asyncio
 import math
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from ..client import Finished, RequestStats, TextDelta
@@ -41,6 +42,8 @@ class EngineReply:
     stats: RequestStats | None = None
     error: str | None = None
     done: bool = False
+    tokens: int = 0  # completion tokens received so far
+    stopped: bool = False  # the turn was stopped (its stream closed) before this engine finished answering
 
 
 @dataclass
@@ -53,6 +56,7 @@ class ChatState:
     streaming: bool = False  # a turn's answers are still arriving: no second turn until they are done
     answers: dict[str, str] = field(default_factory=dict)  # the last turn's answers that finished without error
     temperature: float | None = None  # the last turn's temperature
+    stopped: dict[str, int] = field(default_factory=dict)  # the last turn's answers cut by Stop: tokens received
 
     def clear(self) -> None:
         self.histories.clear()
@@ -60,6 +64,7 @@ class ChatState:
         self.pending = None
         self.answers.clear()
         self.temperature = None
+        self.stopped.clear()
 
 
 def validate_turn(runtime: Runtime, question: str, chunk_names: list[str] | None, sys_prompt: str,
@@ -108,27 +113,36 @@ def _number(value, kind: type) -> float | int | None:
     return int(x) if kind is int else x
 
 
-async def stream_turn(runtime: Runtime, turn: Turn) -> AsyncIterator[dict[str, EngineReply]]:
+async def stream_turn(runtime: Runtime, turn: Turn,
+                      replies: dict[str, EngineReply] | None = None) -> AsyncIterator[dict[str, EngineReply]]:
     """Yield every engine's reply so far, each time any of them advances.
 
     Sequential ("fair") mode runs the engines one after the other, concurrent mode at once; engines that
     fail get an error in their reply and the others carry on.
+
+    Closing the generator early (aclose(), or cancelling the task iterating it: the page's Stop button)
+    stops the turn: every engine's HTTP stream is closed before the close returns (so the engine aborts the
+    request), and the replies that were still coming keep their partial text and get ``stopped``. Pass
+    `replies` (a dict, filled in place) to read them after such a close.
     """
     handles = [h for h in runtime.engines if h.spec.key in turn.engine_keys]
-    replies = {h.spec.key: EngineReply() for h in handles}
+    replies = {} if replies is None else replies
+    replies.update({h.spec.key: EngineReply() for h in handles})
     queue: asyncio.Queue = asyncio.Queue()
 
     async def run_one(h) -> None:
         reply = replies[h.spec.key]
         client = h.client()
         try:
-            async for event in client.stream(turn.prompt_ids, turn.max_tokens, turn.temperature,
-                                             skip_save=runtime.skip_save(h)):
-                if isinstance(event, TextDelta):
-                    reply.text += event.text
-                elif isinstance(event, Finished):
-                    reply.stats = event.stats
-                await queue.put(h.spec.key)
+            async with aclosing(client.stream(turn.prompt_ids, turn.max_tokens, turn.temperature,
+                                              skip_save=runtime.skip_save(h))) as events:
+                async for event in events:
+                    if isinstance(event, TextDelta):
+                        reply.text += event.text
+                        reply.tokens = event.tokens or reply.tokens + 1
+                    elif isinstance(event, Finished):
+                        reply.stats = event.stats
+                    await queue.put(h.spec.key)
         except EngineError as exc:
             reply.error = exc.short if await _still_alive(h) else str(h.error_with_log(
                 f"{h.spec.label} crashed (exit code {h.process.proc.returncode}): use its Restart button."))
@@ -156,8 +170,15 @@ async def stream_turn(runtime: Runtime, turn: Turn) -> AsyncIterator[dict[str, E
                 yield replies
         yield replies
     finally:
+        for reply in replies.values():
+            if not reply.done and reply.stats is None and reply.error is None:
+                reply.stopped = True  # closed early (Stop): still answering, or not started yet (sequential)
         for t in tasks:
             t.cancel()
+        # Wait for each engine's stream to be closed (run_one's cleanup), not just asked to: the request is
+        # aborted now, not left to finish in the background.
+        if tasks:
+            await asyncio.wait(tasks)
 
 
 async def _still_alive(handle, grace_s: float = 3.0) -> bool:
