@@ -195,6 +195,32 @@ def ttft(page, key: str) -> float:
     return float(m.group(1))
 
 
+def chart_points(page, series: str = "") -> list[tuple[int, float]]:
+    """The points the TTFT chart draws (of the series whose name contains `series`), from their aria-labels:
+    'context (prompt tokens): 17990; TTFT (s): 0.0975; series: 🚀 this session (SIMULATED)'."""
+    labels = page.locator("#ttft-chart g.role-mark > path").evaluate_all(
+        "paths => paths.map(p => p.getAttribute('aria-label') || '')")
+    points = []
+    for label in labels:
+        m = re.fullmatch(r"context \(prompt tokens\): ([\d,]+); TTFT \(s\): ([\d.]+); series: (.+)", label)
+        assert m, f"unexpected point label {label!r}"
+        if series in m.group(3):
+            points.append((int(m.group(1).replace(",", "")), float(m.group(2))))
+    return points
+
+
+REUSE = {"lmcache": re.compile(r"· ([\d,]+) of ([\d,]+) prompt tokens reused from LMCache \(SIMULATED\)$"),
+         "plain": re.compile(r"· ([\d,]+) of ([\d,]+) prompt tokens reused from vLLM's prefix cache \(SIMULATED\)$")}
+
+
+def reused(page, key: str) -> tuple[int, int]:
+    """(reused, prompt) tokens of the pane's stats line."""
+    text = page.locator(f"#stats-{key}").inner_text().strip()
+    m = REUSE[key].search(text)
+    assert m, f"no reuse in #stats-{key}: {text!r}"
+    return int(m.group(1).replace(",", "")), int(m.group(2).replace(",", ""))
+
+
 def shown_answer(page, key: str) -> str:
     """The text of the last answer in #chat-{key}, without its TTFT line."""
     return page.locator(f"#chat-{key} [data-testid=bot]").last.locator(".message-content p").first.inner_text()
@@ -253,9 +279,17 @@ def test_pick_reorder_ask_and_compare(page, app, builder, library):
     # 🚀 reuses chunks only once they are precomputed.
     page.locator("#status").get_by_text("precomputed").wait_for(timeout=60_000)
 
+    # The TTFT chart: the H100 benchmark's reference curve, and nothing of this session yet.
+    chart = page.locator("#ttft-chart")
+    assert chart.is_visible() and "Time to first token vs context (this session: SIMULATED)" in chart.inner_text()
+    wait_until(lambda: len(chart_points(page, "benchmark (H100)")) >= 8, 15, "the benchmark curve to be drawn")
+    assert chart_points(page, "this session") == []
+    assert "benchmark on NVIDIA H100 80GB HBM3 (dummy weights)" in page.locator("#ttft-chart-note").inner_text()
+
     page.evaluate(RECORD_JS)
     ask_and_wait(page, QUESTION, 0)
-    prompt_tokens = f"{len(builder.build(names, QUESTION)):,} prompt tokens"
+    n_prompt = len(builder.build(names, QUESTION))
+    prompt_tokens = f"{n_prompt:,} prompt tokens"
     for key in ("lmcache", "plain"):
         stats = page.locator(f"#stats-{key}").inner_text()
         assert "SIMULATED" in stats and prompt_tokens in stats, stats  # the ids of the order shown were sent
@@ -264,6 +298,20 @@ def test_pick_reorder_ask_and_compare(page, app, builder, library):
         partial = {s for s in snaps if "[SIMULATED]" in s and "TTFT" not in s}
         assert len({len(s) for s in partial}) >= 2, f"#chat-{key} did not stream: {snaps[-3:]}"
         assert "[SIMULATED]" in page.locator(f"#chat-{key}").inner_text()
+
+    # Each pane says how much of its prompt its engine reused: 🚀 the precomputed chunks, from LMCache; 🐢 at
+    # most the system prompt, from its prefix cache (nothing before asked this order).
+    lm_reused, lm_prompt = reused(page, "lmcache")
+    plain_reused, plain_prompt = reused(page, "plain")
+    assert lm_prompt == plain_prompt == n_prompt
+    assert lm_reused > 0.9 * n_prompt and plain_reused < 0.1 * n_prompt, (lm_reused, plain_reused)
+
+    # The chart now has this turn's two answers, at this prompt's length, with the TTFTs the panes show.
+    wait_until(lambda: len(chart_points(page, "this session")) == 2, 15, "the answers to be on the chart")
+    assert chart_points(page, "🚀 this session (SIMULATED)") == [(n_prompt, pytest.approx(ttft(page, "lmcache"),
+                                                                                          abs=1e-3))]
+    assert chart_points(page, "🐢 this session (SIMULATED)") == [(n_prompt, pytest.approx(ttft(page, "plain"),
+                                                                                          abs=1e-3))]
 
     # Both answered at temperature 0 (the default): how far the two answers agree, counted in tokens.
     k, m = answer_agreement(builder.tokenizer, shown_answer(page, "lmcache"), shown_answer(page, "plain"))
@@ -287,6 +335,13 @@ def test_pick_reorder_ask_and_compare(page, app, builder, library):
     assert fast < slow, f"reordered repeat: 🚀 TTFT {fast} s is not lower than 🐢 {slow} s"
     badge = page.locator("#speedup").inner_text()
     assert "faster" in badge and "SIMULATED" in badge, badge
+    wait_until(lambda: len(chart_points(page, "this session")) == 4, 15, "the second turn to be on the chart")
+    assert len(chart_points(page, "🚀 this session")) == len(chart_points(page, "🐢 this session")) == 2
+
+    # Clear chat forgets this session's points; the benchmark stays.
+    page.locator("#clear").click()
+    wait_until(lambda: chart_points(page, "this session") == [], 15, "Clear chat to empty the session's points")
+    assert len(chart_points(page, "benchmark (H100)")) >= 8
 
 
 def test_empty_question_shows_a_notice(page):

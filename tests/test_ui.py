@@ -9,11 +9,13 @@ import asyncio
 import re
 import time
 
+import pandas as pd
 import pytest
 from conftest import LABELS, make_runtime
 
 from kvdemo.config import Settings
 from kvdemo.ui.app import agreement_markdown, build_ui, mode_markdown, sharing_warning
+from kvdemo.ui.chart import drawn
 from kvdemo.ui.session import ChatState
 
 
@@ -39,6 +41,17 @@ def messages(state: ChatState, key: str) -> list[str]:
     return [m["content"] for m in state.histories.get(key, [])]
 
 
+def comparable(outs: tuple) -> tuple:
+    """Outputs with the chart's DataFrame as records, so that two outputs compare with ==."""
+    return tuple(o.to_json(orient="split") if isinstance(o, pd.DataFrame) else o for o in outs)
+
+
+def session_rows(plot: pd.DataFrame) -> pd.DataFrame:
+    """The chart's points of this session's answers (not its placeholders, nor the benchmark's)."""
+    points = drawn(plot)
+    return points[points["series"].str.contains("this session")]
+
+
 def test_a_turn_streams_into_both_panes(ui):
     runtime, fns = ui
     state = ChatState()
@@ -46,11 +59,20 @@ def test_a_turn_streams_into_both_panes(ui):
     assert state.pending is not None and "Precompute" in notice  # this runtime never precomputed
     outs = asyncio.run(drain(fns["stream"](runtime.library.sys_prompt, state)))
     assert len(outs) > 2  # streamed in steps
-    chat_lm, chat_plain, stats_lm, stats_plain, badge, agreement, _ = outs[-1]
+    chat_lm, chat_plain, stats_lm, stats_plain, badge, agreement, _, _ = outs[-1]
     for chat, stats in ((chat_lm, stats_lm), (chat_plain, stats_plain)):
         assert chat[-2] == {"role": "user", "content": "What is a decorator?"}
         assert "[SIMULATED]" in chat[-1]["content"] and "TTFT" in chat[-1]["content"]
         assert stats.startswith("TTFT") and stats.endswith("(SIMULATED)")
+    n_prompt = state.last_stats["plain"].prompt_tokens
+    assert re.search(rf"\*\*[\d,]+\*\* of {n_prompt:,} prompt tokens reused from LMCache \(SIMULATED\)$", stats_lm)
+    assert re.search(rf"\*\*[\d,]+\*\* of {n_prompt:,} prompt tokens reused from vLLM's prefix cache \(SIMULATED\)$",
+                     stats_plain)
+    # The chart: this turn's two answers, each once it has finished.
+    assert session_rows(outs[0][6]).empty
+    rows = session_rows(outs[-1][6])
+    assert sorted(rows["series"]) == ["🐢 this session (SIMULATED)", "🚀 this session (SIMULATED)"]
+    assert set(rows["context_tokens"]) == {n_prompt}
     assert "to first token than 🐢 (SIMULATED)" in badge
     # Same prompt ids, greedy: the simulated engines give the same answer.
     n = len(runtime.builder.tokenizer.encode(state.answers["plain"], add_special_tokens=False))
@@ -59,6 +81,35 @@ def test_a_turn_streams_into_both_panes(ui):
     assert agreement.endswith("(SIMULATED)")
     assert all(out[5] == "" for out in outs[:-2])  # nothing while an answer is still streaming
     assert not state.streaming and state.pending is None
+
+
+def test_the_chart_grows_with_each_turn(ui):
+    """Two turns: two points per engine (TTFT vs prompt tokens) beside the committed H100 benchmark curve."""
+    runtime, fns = ui
+    state = ChatState()
+    plots, contexts = [], []
+    for question in ("What is a decorator?", "And what is a metaclass?"):
+        ask(runtime, fns, state, question)
+        outs = asyncio.run(drain(fns["stream"](runtime.library.sys_prompt, state)))
+        plots.append(outs[-1][6])
+        contexts.append(state.last_stats["lmcache"].prompt_tokens)
+    for plot, turns in zip(plots, (1, 2)):
+        points = drawn(plot)
+        for emoji in ("🚀", "🐢"):
+            mine = points[points["series"] == f"{emoji} this session (SIMULATED)"]
+            assert len(mine) == turns and list(mine["context_tokens"]) == contexts[:turns]
+            assert (mine["ttft_s"] > 0).all()
+            assert len(points[points["series"] == f"{emoji} benchmark (H100)"]) >= 4  # the reference curve
+    # What the page's ScatterPlot makes of it: every row, with its series as the colour.
+    plot_data = next(b for b in ui_blocks(runtime) if getattr(b, "elem_id", None) == "ttft-chart").postprocess(
+        plots[-1])
+    assert plot_data.columns == ["context_tokens", "ttft_s", "series"] and len(plot_data.data) == len(plots[-1])
+    cleared = fns["clear"](state)[-1]
+    assert session_rows(cleared).empty and len(drawn(cleared)) == len(drawn(plots[-1])) - 4
+
+
+def ui_blocks(runtime):
+    return build_ui(runtime).blocks.values()
 
 
 def test_agreement_only_for_two_greedy_answers(ui):
@@ -70,7 +121,7 @@ def test_agreement_only_for_two_greedy_answers(ui):
     ask(runtime, fns, state, "What is a generator?", engines=LABELS[1:])  # 🐢 alone
     outs = asyncio.run(drain(fns["stream"](runtime.library.sys_prompt, state)))
     assert all(out[5] == "" for out in outs)
-    assert fns["clear"](state)[-1] == "" and state.answers == {} and state.temperature is None
+    assert fns["clear"](state)[6] == "" and state.answers == {} and state.temperature is None
 
 
 def test_agreement_markdown_counts_and_skips_failed_answers(ui):
@@ -119,12 +170,12 @@ def test_clear_chat_while_streaming(ui):
         agen = fns["stream"](runtime.library.sys_prompt, state)
         await agen.__anext__()
         cleared = fns["clear"](state)
-        assert cleared[1:] == ([], [], "", "", "", "")
+        assert cleared[1:7] == ([], [], "", "", "", "") and session_rows(cleared[7]).empty
         return await drain(agen)  # must not fail on the cleared histories
 
     outs = asyncio.run(go())
     assert all(out[0] == [] and out[1] == [] and out[2] == "" for out in outs)
-    assert state.histories == {} and state.last_stats == {} and not state.streaming
+    assert state.histories == {} and state.last_stats == {} and state.points == [] and not state.streaming
     ask(runtime, fns, state, "After clearing?")
     asyncio.run(drain(fns["stream"](runtime.library.sys_prompt, state)))
     assert messages(state, "plain")[0] == "After clearing?" and "TTFT" in messages(state, "plain")[1]
@@ -135,7 +186,7 @@ STOPPED = re.compile(r"\*\*(⏹ stopped (?:after (\d+) tokens?|before the first 
 
 def assert_stopped(outs, state: ChatState) -> None:
     """The Stop button's outputs: both panes' answers stopped (partial text kept), no badge, no agreement."""
-    *chats, stats_lm, stats_plain, badge, agreement = outs
+    *chats, stats_lm, stats_plain, badge, agreement, plot = outs
     for key, chat, stats in zip(("lmcache", "plain"), chats, (stats_lm, stats_plain)):
         m = STOPPED.fullmatch(stats)
         assert m, stats
@@ -143,6 +194,7 @@ def assert_stopped(outs, state: ChatState) -> None:
         assert last.endswith(f"`{m.group(1)}`") and "TTFT" not in last and "⚠️" not in last, last
         assert state.stopped[key] == int(m.group(2) or 0)
     assert badge == agreement == "" and state.answers == {}
+    assert session_rows(plot).empty and state.points == []  # stopped answers are not plotted
     assert not state.streaming and state.pending is None
 
 
@@ -164,7 +216,7 @@ def test_stop_mid_answer_keeps_the_partial_answers(ui):
     outs = asyncio.run(go())
     assert_stopped(outs, state)
     assert any("[SIMULATED]" in chat[-1]["content"] for chat in outs[:2])  # the partial answer stays
-    assert asyncio.run(fns["stop"](state)) == outs  # Stop again: nothing changes
+    assert comparable(asyncio.run(fns["stop"](state))) == comparable(outs)  # Stop again: nothing changes
 
     # The next question streams normally, and its panes show timings again.
     _, notice, *_ = ask(runtime, fns, state, "And now the whole answer?")
@@ -210,7 +262,8 @@ def test_stop_waits_for_the_cancel_of_the_running_stream(ui):
 def test_stop_of_a_turn_not_yet_streaming_and_with_nothing_to_stop(ui):
     runtime, fns = ui
     state = ChatState()
-    assert asyncio.run(fns["stop"](state)) == ([], [], "", "", "", "")  # nothing asked yet: nothing changes
+    nothing = asyncio.run(fns["stop"](state))  # nothing asked yet: nothing changes
+    assert nothing[:6] == ([], [], "", "", "", "") and session_rows(nothing[6]).empty
 
     ask(runtime, fns, state, "Stopped before it began?")  # prepared; its `stream` event has not started
     outs = asyncio.run(fns["stop"](state))
@@ -220,7 +273,8 @@ def test_stop_of_a_turn_not_yet_streaming_and_with_nothing_to_stop(ui):
 
     ask(runtime, fns, state, "And this one?")
     last = asyncio.run(drain(fns["stream"](runtime.library.sys_prompt, state)))[-1]
-    assert asyncio.run(fns["stop"](state)) == last[:-1]  # after a finished turn, Stop changes nothing
+    again = asyncio.run(fns["stop"](state))  # after a finished turn, Stop changes nothing
+    assert again[:-1] == last[:-2] and len(session_rows(again[-1])) == 2
     assert all("TTFT" in chat[-1]["content"] for chat in last[:2])
 
 

@@ -18,6 +18,7 @@ from ..config import Settings, sharing_warning  # noqa: F401 - re-exported for c
 from ..errors import UserFacingError
 from ..runtime import DEFAULT_CONTEXT_TOKENS, Runtime
 from .api import register as register_api
+from .chart import SERIES, X, Y, chart_caption, chart_frame, chart_title, colour_map, load_benchmark
 from .session import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_TEMPERATURE,
@@ -55,11 +56,23 @@ def _sim(runtime: Runtime) -> str:
     return " (SIMULATED)" if runtime.settings.simulate else ""
 
 
-def stats_markdown(stats: RequestStats | None, runtime: Runtime) -> str:
+def reuse_text(stats: RequestStats, lmcache: bool) -> str:
+    """How many of the answer's prompt tokens its engine reused, as the engine reported them.
+
+    vLLM's usage.prompt_tokens_details.cached_tokens (--enable-prompt-tokens-details): for 🐢 its prefix-cache
+    hits; for 🚀 (prefix caching off) the tokens LMCache loaded. None: the engine did not say.
+    """
+    if stats.cached_tokens is None:
+        return f"{stats.prompt_tokens:,} prompt tokens (reuse not reported)"
+    source = "LMCache" if lmcache else "vLLM's prefix cache"
+    return f"**{stats.cached_tokens:,}** of {stats.prompt_tokens:,} prompt tokens reused from {source}"
+
+
+def stats_markdown(stats: RequestStats | None, runtime: Runtime, lmcache: bool = False) -> str:
     if stats is None:
         return ""
     tok_s = f"{stats.decode_tok_s:.0f} tok/s" if stats.decode_tok_s else "n/a"
-    return (f"TTFT **{stats.ttft_s:.3f} s** · decode {tok_s} · {stats.prompt_tokens:,} prompt tokens"
+    return (f"TTFT **{stats.ttft_s:.3f} s** · decode {tok_s} · {reuse_text(stats, lmcache)}"
             f"{_sim(runtime)}")
 
 
@@ -73,7 +86,8 @@ def pane_stats_markdown(state: ChatState, key: str, runtime: Runtime) -> str:
     """A pane's stats line: the last answer's timings, or how far it got if Stop cut it."""
     if key in state.stopped:
         return f"**{stopped_text(state.stopped[key])}**{_sim(runtime)}"
-    return stats_markdown(state.last_stats.get(key), runtime)
+    lmcache = any(h.spec.lmcache for h in runtime.engines if h.spec.key == key)
+    return stats_markdown(state.last_stats.get(key), runtime, lmcache)
 
 
 def speedup_markdown(state: ChatState, runtime: Runtime) -> str:
@@ -127,6 +141,11 @@ def build_ui(runtime: Runtime) -> gr.Blocks:
     default_chunks = builder.default_selection(DEFAULT_CONTEXT_TOKENS, runtime.max_model_len - 512)
     handles = {h.spec.key: h for h in runtime.engines}
     labels = [h.spec.label for h in runtime.engines]
+    simulated = bool(runtime.settings.simulate)
+    bench = load_benchmark()  # the reference curve, the same for every session; None if the file is missing
+
+    def chart(state: ChatState):
+        return chart_frame(state, bench, simulated)
 
     def context_info(names: list[str] | None, sys_prompt: str) -> tuple[str, str]:
         names = list(names or [])
@@ -170,6 +189,7 @@ def build_ui(runtime: Runtime) -> gr.Blocks:
         state.answers.clear()
         state.stopped.clear()
         state.temperature = turn.temperature
+        state.turn += 1
         state.pending = turn
         return state, " ".join(notes), *_chats(state), ""
 
@@ -190,14 +210,17 @@ def build_ui(runtime: Runtime) -> gr.Blocks:
             history[-1] = {"role": "assistant", "content": _reply_message(reply, runtime)}
             if reply.stats and not reply.error:
                 state.last_stats[key] = reply.stats
+                if not reply.stopped:
+                    state.add_point(key, reply.stats)
             if reply.stopped:
                 state.stopped[key] = reply.tokens
             elif reply.done and not reply.error:
                 state.answers[key] = reply.text
 
     def outputs(state: ChatState) -> tuple:
+        # The chart's frame goes with every step: Gradio streams diffs, so an unchanged chart costs nothing.
         return (*_chats(state), *[pane_stats_markdown(state, k, runtime) for k in PANES],
-                speedup_markdown(state, runtime), agreement_markdown(state, runtime))
+                speedup_markdown(state, runtime), agreement_markdown(state, runtime), chart(state))
 
     async def stream(sys_prompt: str, state: ChatState):
         turn = state.pending
@@ -237,7 +260,7 @@ def build_ui(runtime: Runtime) -> gr.Blocks:
         while state.streaming and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if state.streaming:
-            return tuple(gr.skip() for _ in range(2 * len(PANES) + 2))
+            return tuple(gr.skip() for _ in range(2 * len(PANES) + 3))
         if state.pending is not None:  # asked, but its answers had not begun: `stream` will find nothing to do
             turn, state.pending = state.pending, None
             record(state, turn, {}, stopped=True)
@@ -255,7 +278,7 @@ def build_ui(runtime: Runtime) -> gr.Blocks:
 
     def clear(state: ChatState):
         state.clear()
-        return state, [], [], "", "", "", ""
+        return state, [], [], "", "", "", "", chart(state)
 
     with gr.Blocks(title="kvdemo: LMCache vs plain vLLM") as demo:
         state = gr.State(ChatState())  # deep-copied for each browser session
@@ -309,6 +332,13 @@ def build_ui(runtime: Runtime) -> gr.Blocks:
                     ask = gr.Button("Ask", variant="primary", elem_id="ask")
                     stop_btn = gr.Button("⏹ Stop", variant="stop", elem_id="stop")
                     clear_btn = gr.Button("Clear chat", elem_id="clear")
+                # x from 0 to the model's limit, y from 0: this session's points and the benchmark, to scale.
+                plot = gr.ScatterPlot(chart(ChatState()), x=X, y=Y, color=SERIES, title=chart_title(simulated),
+                                      x_title="context (prompt tokens)", y_title="TTFT (s)", color_title="",
+                                      color_map=colour_map(bench, simulated), x_lim=[0, runtime.max_model_len],
+                                      y_lim=[0, None], tooltip="all", height=340, elem_id="ttft-chart",
+                                      buttons=[])
+                gr.Markdown(chart_caption(bench), elem_id="ttft-chart-note")
                 with gr.Accordion("Generation settings", open=False):
                     temperature = gr.Slider(0.0, MAX_TEMPERATURE, value=DEFAULT_TEMPERATURE, step=0.05,
                                             label="Temperature", elem_id="temperature")
@@ -326,7 +356,7 @@ def build_ui(runtime: Runtime) -> gr.Blocks:
         shuffle.click(shuffled, chunks, chunks, queue=False, api_visibility=PRIVATE)
         inputs = [question, chunks, sys_prompt, temperature, max_tokens, engines, state]
         prepared_outputs = [state, notice, *chats, question]
-        streamed_outputs = [*chats, *stats, badge, agreement, state]
+        streamed_outputs = [*chats, *stats, badge, agreement, plot, state]
         streams = [trigger(prepare, inputs, prepared_outputs, queue=False, api_visibility=PRIVATE).then(
                        stream, [sys_prompt, state], streamed_outputs, api_visibility=PRIVATE)
                    for trigger in (ask.click, question.submit)]
@@ -335,7 +365,8 @@ def build_ui(runtime: Runtime) -> gr.Blocks:
         # after the one before has finished, so the cancel is added first: `stop` waits for it to land.
         stop_btn.click(None, None, None, cancels=streams, api_visibility=PRIVATE)
         stop_btn.click(stop, state, streamed_outputs[:-1], api_visibility=PRIVATE)
-        clear_btn.click(clear, state, [state, *chats, *stats, badge, agreement], queue=False, api_visibility=PRIVATE)
+        clear_btn.click(clear, state, [state, *chats, *stats, badge, agreement, plot], queue=False,
+                        api_visibility=PRIVATE)
         for key, button in restarts.items():
             button.click(lambda k=key: restart(k), None, notice, concurrency_limit=1,
                          concurrency_id="restart", api_visibility=PRIVATE)

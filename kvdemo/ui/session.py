@@ -46,6 +46,16 @@ class EngineReply:
     stopped: bool = False  # the turn was stopped (its stream closed) before this engine finished answering
 
 
+@dataclass(frozen=True)
+class TtftPoint:
+    """One finished answer of the session, for its TTFT chart."""
+
+    turn: int
+    key: str  # the engine's key ("lmcache", "plain")
+    context_tokens: int  # the prompt tokens the engine reported
+    ttft_s: float
+
+
 @dataclass
 class ChatState:
     """Everything one browser session owns: its histories (per engine) and the turn in flight."""
@@ -57,6 +67,13 @@ class ChatState:
     answers: dict[str, str] = field(default_factory=dict)  # the last turn's answers that finished without error
     temperature: float | None = None  # the last turn's temperature
     stopped: dict[str, int] = field(default_factory=dict)  # the last turn's answers cut by Stop: tokens received
+    turn: int = 0  # turns asked so far (never reset: a turn's number stays its own)
+    points: list[TtftPoint] = field(default_factory=list)  # every finished answer's TTFT, for the chart
+
+    def add_point(self, key: str, stats: RequestStats) -> None:
+        """The current turn's finished answer of engine `key`, once (callers may report it repeatedly)."""
+        if not any(p.turn == self.turn and p.key == key for p in self.points):
+            self.points.append(TtftPoint(self.turn, key, stats.prompt_tokens, stats.ttft_s))
 
     def clear(self) -> None:
         self.histories.clear()
@@ -65,6 +82,7 @@ class ChatState:
         self.answers.clear()
         self.temperature = None
         self.stopped.clear()
+        self.points.clear()
 
 
 def validate_turn(runtime: Runtime, question: str, chunk_names: list[str] | None, sys_prompt: str,
