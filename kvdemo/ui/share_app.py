@@ -131,9 +131,10 @@ def build_share_ui(runtime: Runtime) -> gr.Blocks:
                 results = gr.Dataframe(headers=TABLE_HEADERS, label=f"TTFT per query{sim}", interactive=False,
                                        elem_id="results")
                 plot = gr.Plot(label=f"TTFT per query{sim}", elem_id="plot")
-        doc.change(context_info, doc, info, queue=False)
+        # The page's own events are not an API (as on the blend page): Gradio's API lists none of them.
+        doc.change(context_info, doc, info, queue=False, api_visibility="private")
         send_btn.click(send, [engine, doc, question, session], [notice, answer, results, plot, session],
-                       concurrency_limit=1, concurrency_id="send")
-        clear_btn.click(clear_store, None, notice, queue=False)
-        gr.Timer(2.0).tick(runtime.status_line, None, status, queue=False)
+                       concurrency_limit=1, concurrency_id="send", api_visibility="private")
+        clear_btn.click(clear_store, None, notice, queue=False, api_visibility="private")
+        gr.Timer(2.0).tick(runtime.status_line, None, status, queue=False, api_visibility="private")
     return demo
