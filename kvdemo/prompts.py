@@ -13,6 +13,7 @@ Both engines get exactly the same ids, so the comparison is fair.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -126,7 +127,10 @@ class PromptBuilder:
         text = self.library.sys_prompt if sys_prompt is None else sys_prompt
         return list(self._encode(self.prefix + text))
 
-    def chunk_ids(self, name: str) -> list[int]:
+    def chunk_ids(self, name: str, extra: Mapping[str, Sequence[int]] | None = None) -> list[int]:
+        """A chunk's token ids: the library's, or `extra`'s (one session's uploaded chunks, name → ids)."""
+        if extra and name in extra:
+            return list(extra[name])
         chunk = self.library.chunks.get(name)
         if chunk is None:
             raise UserFacingError(f"Unknown chunk {name!r}; pick one of: {', '.join(self.library.chunks)}.")
@@ -138,9 +142,10 @@ class PromptBuilder:
     def question_ids(self, question: str) -> list[int]:
         return list(self._encode("\n\n" + question.strip() + self.suffix))
 
-    def build(self, chunk_names: list[str], question: str, sys_prompt: str | None = None) -> list[int]:
-        """[BOS] + sys + SEP + c1 + ... + SEP + cN + SEP + question, as token ids."""
-        return self.assemble(self.sys_ids(sys_prompt), [self.chunk_ids(n) for n in chunk_names],
+    def build(self, chunk_names: list[str], question: str, sys_prompt: str | None = None,
+              extra: Mapping[str, Sequence[int]] | None = None) -> list[int]:
+        """[BOS] + sys + SEP + c1 + ... + SEP + cN + SEP + question, as token ids (`extra`: see chunk_ids)."""
+        return self.assemble(self.sys_ids(sys_prompt), [self.chunk_ids(n, extra) for n in chunk_names],
                              self.question_ids(question))
 
     def assemble(self, sys_ids: list[int], chunks: list[list[int]], question_ids: list[int]) -> list[int]:
@@ -157,15 +162,18 @@ class PromptBuilder:
     def precompute_layout(self, sys_ids: list[int], chunks: list[list[int]]) -> list[list[int]]:
         return [self.bos_ids + sys_ids] + [self.bos_ids + self.sep_ids + c for c in chunks]
 
-    def context_tokens(self, chunk_names: list[str], sys_prompt: str | None = None) -> int:
+    def context_tokens(self, chunk_names: list[str], sys_prompt: str | None = None,
+                       extra: Mapping[str, Sequence[int]] | None = None) -> int:
         """Tokens of everything but the question (what the context panel counts)."""
         n = len(self.bos_ids) + len(self.sys_ids(sys_prompt))
-        return n + sum(len(self.sep_ids) + len(self.chunk_ids(c)) for c in chunk_names)
+        return n + sum(len(self.sep_ids) + len(self.chunk_ids(c, extra)) for c in chunk_names)
 
-    def display_text(self, chunk_names: list[str], sys_prompt: str | None = None) -> str:
-        """The context as a person reads it, separators made visible."""
+    def display_text(self, chunk_names: list[str], sys_prompt: str | None = None,
+                     extra_texts: Mapping[str, str] | None = None) -> str:
+        """The context as a person reads it, separators made visible (`extra_texts`: uploaded chunks' text)."""
         sys_text = self.library.sys_prompt if sys_prompt is None else sys_prompt
-        parts = [sys_text] + [self.library.chunks[n].text for n in chunk_names if n in self.library.chunks]
+        texts = {**{n: c.text for n, c in self.library.chunks.items()}, **(extra_texts or {})}
+        parts = [sys_text] + [texts[n] for n in chunk_names if n in texts]
         return SHOWN_SEPARATOR.join(parts)
 
     def default_selection(self, min_tokens: int, max_tokens: int) -> list[str]:

@@ -241,6 +241,17 @@ class Runtime:
             self._cached_sys_prompts.add(ids)
         return stats.total_s
 
+    async def precompute_segments(self, requests: list[list[int]]):
+        """Store each `[BOS] + SEP + chunk` request's KV on the 🚀 engine (uploaded chunks; skip_save False),
+        one at a time; yields how many are done after each. Raises EngineError / UserFacingError."""
+        client = self.lmcache_engine.client()
+        try:
+            for i, ids in enumerate(requests, 1):
+                await client.complete(ids, max_tokens=1, skip_save=False)
+                yield i
+        finally:
+            await client.close()
+
     def restart_engine(self, key: str) -> float:
         """Stop (if needed) and start one engine again; re-precompute if it is the LMCache engine.
 

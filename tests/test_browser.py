@@ -363,3 +363,67 @@ def test_shuffle_keeps_the_same_chunks(page, library):
             continue
     assert sorted(order(page)) == sorted(before[1:]) and order(page) != before[1:]
     assert set(order(page)) <= set(library.titles().values())
+
+
+def test_bring_your_own_text(page, browser, app, builder, library, tmp_path):
+    from kvdemo import uploads as byo
+
+    page.locator("#byo").get_by_text("Bring your own text").click()
+    assert "2,000 tokens" in page.locator("#byo-info").inner_text()
+    before = order(page)
+
+    # A bad file: its message, and nothing else changes.
+    empty = tmp_path / "empty.md"
+    empty.write_text("\n\n")
+    page.locator("#byo-file input[type=file]").set_input_files(str(empty))
+    page.locator("#byo-status").get_by_text("empty.md is empty").wait_for()
+    assert order(page) == before
+
+    # A small markdown file: split, precomputed on 🚀, then offered in the picker.
+    text = "\n\n".join(f"# Part {i}\n\n" + " ".join(f"The pelican number {i} lives at dock {i * 7 + j}." for j in
+                                                    range(120)) for i in range(3))
+    notes = tmp_path / "faq.md"
+    notes.write_text(text)
+    expected = byo.make_chunks(builder, byo.Uploads(), "faq", text)
+    n = len(expected)
+    assert n >= 2
+    wait_until(lambda: page.locator("#byo-file input[type=file]").count() == 1, 15, "the file input to be ready")
+    page.locator("#byo-file input[type=file]").set_input_files(str(notes))
+    page.locator("#byo-status").get_by_text(f"Added {n} chunks from faq").wait_for(timeout=60_000)
+    assert order(page) == before  # the selection is kept
+
+    # One uploaded and one shipped chunk, in that order.
+    while page.locator("#chunks .token-remove").count():
+        page.locator("#chunks .token-remove").first.click()
+    wait_for_order(page, ["(no chunks: question only)"])
+    uploaded = expected[1].name
+    shipped = next(iter(library.chunks))
+    pick(page, "#chunks", uploaded, multiselect=True)
+    pick(page, "#chunks", library.titles()[shipped], multiselect=True)
+    wait_for_order(page, [uploaded, library.titles()[shipped]])
+    ids = {c.name: c.ids for c in expected}
+    tokens = f"{builder.context_tokens([uploaded, shipped], None, ids):,} tokens"
+    assert tokens in page.locator("#context-info").inner_text()
+
+    question = "Where does pelican number 1 live?"
+    answers = page.locator("#chat-lmcache").inner_text().count("TTFT")
+    ask_and_wait(page, question, answers)
+    n_prompt = len(builder.build([uploaded, shipped], question, None, ids))
+    lm_reused, lm_prompt = reused(page, "lmcache")
+    _, plain_prompt = reused(page, "plain")
+    assert lm_prompt == plain_prompt == n_prompt
+    assert lm_reused > 0.8 * n_prompt, (lm_reused, n_prompt)  # the uploaded chunk was precomputed too
+
+    # Another visitor does not see this session's uploads.
+    other = browser.new_context(viewport={"width": 1400, "height": 1000})
+    try:
+        pg = other.new_page()
+        pg.goto(app.url)
+        box = pg.locator("#chunks input[role=combobox]")
+        box.click()
+        assert pg.locator("#chunks").get_by_role("option").count() == len(library.chunks)
+        box.press_sequentially("upload", delay=10)
+        wait_until(lambda: pg.locator("#chunks").get_by_role("option").count() == 0, 15,
+                   "no uploaded chunk to be offered to another session")
+    finally:
+        other.close()

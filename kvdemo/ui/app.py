@@ -13,6 +13,7 @@ from contextlib import aclosing
 
 import gradio as gr
 
+from .. import uploads as byo
 from ..client import RequestStats
 from ..config import Settings, sharing_warning  # noqa: F401 - re-exported for callers
 from ..errors import UserFacingError
@@ -147,14 +148,20 @@ def build_ui(runtime: Runtime) -> gr.Blocks:
     def chart(state: ChatState):
         return chart_frame(state, bench, simulated)
 
-    def context_info(names: list[str] | None, sys_prompt: str) -> tuple[str, str]:
+    def all_choices(up: byo.Uploads) -> list[tuple[str, str]]:
+        """The library's chunks, then this session's uploaded ones."""
+        return choices + [(f"{c.name}  ({len(c.ids):,} tok)", c.name) for c in up.chunks.values()]
+
+    def context_info(names: list[str] | None, sys_prompt: str, up: byo.Uploads | None = None) -> tuple[str, str]:
         names = list(names or [])
-        n = builder.context_tokens(names, sys_prompt)
+        up = up or byo.Uploads()
+        names = [x for x in names if x in library.chunks or x in up.chunks]
+        n = builder.context_tokens(names, sys_prompt, up.ids())
         limit = runtime.max_model_len
         over = f" — over the limit of {limit:,} (--max-model-len)!" if n >= limit else ""
         order = " → ".join(titles.get(x, x) for x in names) or "(no chunks: question only)"
         return (f"**Context: {n:,} tokens**, {len(names)} chunks{over}  \nOrder: {order}",
-                builder.display_text(names, sys_prompt))
+                builder.display_text(names, sys_prompt, up.texts()))
 
     def move(names: list[str] | None, target: str | None, step: int) -> list[str]:
         names = list(names or [])
@@ -169,12 +176,14 @@ def build_ui(runtime: Runtime) -> gr.Blocks:
         random.shuffle(names)
         return names
 
-    def prepare(question, names, sys_prompt, temperature, max_tokens, engines, state: ChatState):
+    def prepare(question, names, sys_prompt, temperature, max_tokens, engines, state: ChatState,
+                up: byo.Uploads | None = None):
         if state.streaming or state.pending is not None:  # a new turn would write into this one's messages
             busy = "⚠️ Still answering the previous question: ask again when it is done (or Clear chat)."
             return state, busy, *_chats(state), gr.update()
         try:
-            turn = validate_turn(runtime, question, names, sys_prompt, temperature, max_tokens, engines)
+            turn = validate_turn(runtime, question, names, sys_prompt, temperature, max_tokens, engines,
+                                 up.ids() if up else None)
         except UserFacingError as exc:
             return state, f"⚠️ {exc}", *_chats(state), gr.update()
         notes = [turn.note] if turn.note else []
@@ -276,12 +285,54 @@ def build_ui(runtime: Runtime) -> gr.Blocks:
         again = " and its chunks precomputed again" if handles[key].spec.lmcache else ""
         return f"{label} restarted in {seconds:.1f} s{again}."
 
+    async def add_text(stem: str, text: str, up: byo.Uploads):
+        """Split one upload, precompute its chunks on 🚀, then offer them in this session's pickers.
+
+        Yields (status, chunks dropdown, move dropdown, uploads state); errors leave everything else as it is.
+        """
+        keep = (gr.update(), gr.update(), up)
+        try:
+            new = byo.make_chunks(builder, up, stem, text)
+        except UserFacingError as exc:
+            yield f"⚠️ {exc}", *keep
+            return
+        n = len(new)
+        yield f"⏳ {stem}: {n} chunk{'s' if n != 1 else ''}, precomputing their KV on 🚀… 0/{n}", *keep
+        try:
+            async for done in runtime.precompute_segments(byo.precompute_requests(builder, new)):
+                yield f"⏳ {stem}: precomputing on 🚀… {done}/{n}", *keep
+        except UserFacingError as exc:
+            first = str(exc).splitlines()[0]
+            yield f"⚠️ Precompute of {stem} failed, nothing added: {first}", *keep
+            return
+        up.add(new)
+        options = all_choices(up)
+        done_line = (f"✅ Added {n} chunk{'s' if n != 1 else ''} from {stem} ({sum(len(c.ids) for c in new):,} "
+                     f"tokens, precomputed); this session's uploads: {len(up.chunks)} chunks, {up.tokens:,} tokens.")
+        yield (done_line, gr.update(choices=options), gr.update(choices=options), up)
+
+    async def add_file(path, up: byo.Uploads):
+        if not path:
+            return
+        try:
+            stem, text = byo.read_upload(path)
+        except UserFacingError as exc:
+            yield f"⚠️ {exc}", gr.update(), gr.update(), up
+            return
+        async for out in add_text(stem, text, up):
+            yield out
+
+    async def add_pasted(text: str, up: byo.Uploads):
+        async for out in add_text("pasted", text or "", up):
+            yield out
+
     def clear(state: ChatState):
         state.clear()
         return state, [], [], "", "", "", "", chart(state)
 
     with gr.Blocks(title="kvdemo: LMCache vs plain vLLM") as demo:
         state = gr.State(ChatState())  # deep-copied for each browser session
+        uploads = gr.State(byo.Uploads())  # this session's own uploaded chunks
         gr.Markdown("# 🚀 vLLM + LMCache vs 🐢 plain vLLM\nPick text chunks in any order, ask a question, and "
                     "watch both engines answer. 🚀 reuses each chunk's KV cache (CacheBlend), in any order; "
                     "🐢 can only reuse an identical prefix.")
@@ -308,6 +359,17 @@ def build_ui(runtime: Runtime) -> gr.Blocks:
                 with gr.Row():
                     reverse = gr.Button("⇅ Reverse order", elem_id="btn-reverse", size="sm")
                     shuffle = gr.Button("🔀 Shuffle", elem_id="btn-shuffle", size="sm")
+                with gr.Accordion("Bring your own text", open=False, elem_id="byo"):
+                    gr.Markdown(f"Upload a .txt or .md file, or paste text: it is split at headings and paragraphs "
+                                f"into chunks of up to **{byo.TARGET_TOKENS:,} tokens**, precomputed on 🚀 and "
+                                f"added to the chunk picker as “upload: …”. Only you see them. Limits: "
+                                f"{byo.MAX_FILE_BYTES // 2**20} MB a file, {byo.MAX_SESSION_TOKENS:,} tokens and "
+                                f"{byo.MAX_SESSION_CHUNKS} chunks per session.", elem_id="byo-info")
+                    upload_file = gr.File(label="Upload .txt / .md", file_types=list(byo.EXTENSIONS),
+                                          file_count="single", type="filepath", elem_id="byo-file", height=110)
+                    pasted = gr.Textbox(label="…or paste text", lines=4, max_lines=8, elem_id="byo-text")
+                    add_btn = gr.Button("Add", size="sm", elem_id="byo-add")
+                    upload_status = gr.Markdown(elem_id="byo-status")
                 info0, text0 = context_info(default_chunks, library.sys_prompt)
                 info = gr.Markdown(info0, elem_id="context-info")
                 with gr.Accordion("Assembled context (⟪ # # ⟫ = separator between cached chunks)", open=False):
@@ -349,12 +411,17 @@ def build_ui(runtime: Runtime) -> gr.Blocks:
                 gr.Markdown(mode_markdown(runtime), elem_id="mode")
 
         for trigger in (chunks.change, sys_prompt.change):
-            trigger(context_info, [chunks, sys_prompt], [info, context_view], queue=False, api_visibility=PRIVATE)
+            trigger(context_info, [chunks, sys_prompt, uploads], [info, context_view], queue=False,
+                    api_visibility=PRIVATE)
+        byo_outputs = [upload_status, chunks, move_target, uploads]
+        upload_file.upload(add_file, [upload_file, uploads], byo_outputs, api_visibility=PRIVATE).then(
+            lambda: None, None, upload_file, queue=False, api_visibility=PRIVATE)  # ready for the next file
+        add_btn.click(add_pasted, [pasted, uploads], byo_outputs, api_visibility=PRIVATE)
         up.click(lambda n, t: move(n, t, -1), [chunks, move_target], chunks, queue=False, api_visibility=PRIVATE)
         down.click(lambda n, t: move(n, t, +1), [chunks, move_target], chunks, queue=False, api_visibility=PRIVATE)
         reverse.click(lambda n: list(reversed(n or [])), chunks, chunks, queue=False, api_visibility=PRIVATE)
         shuffle.click(shuffled, chunks, chunks, queue=False, api_visibility=PRIVATE)
-        inputs = [question, chunks, sys_prompt, temperature, max_tokens, engines, state]
+        inputs = [question, chunks, sys_prompt, temperature, max_tokens, engines, state, uploads]
         prepared_outputs = [state, notice, *chats, question]
         streamed_outputs = [*chats, *stats, badge, agreement, plot, state]
         streams = [trigger(prepare, inputs, prepared_outputs, queue=False, api_visibility=PRIVATE).then(

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
@@ -86,8 +86,12 @@ class ChatState:
 
 
 def validate_turn(runtime: Runtime, question: str, chunk_names: list[str] | None, sys_prompt: str,
-                  temperature: float, max_tokens: int, engine_labels: list[str] | None) -> Turn:
-    """Every user mistake becomes a UserFacingError with a message saying what to do."""
+                  temperature: float, max_tokens: int, engine_labels: list[str] | None,
+                  uploads: Mapping[str, Sequence[int]] | None = None) -> Turn:
+    """Every user mistake becomes a UserFacingError with a message saying what to do.
+
+    `uploads`: this session's uploaded chunks (name → token ids), pickable beside the library's.
+    """
     builder = runtime.builder
     assert builder is not None
     question = (question or "").strip()
@@ -106,10 +110,10 @@ def validate_turn(runtime: Runtime, question: str, chunk_names: list[str] | None
     if not keys:
         raise UserFacingError("Tick at least one engine to answer.")
     names = list(chunk_names or [])
-    unknown = [n for n in names if n not in runtime.library.chunks]
+    unknown = [n for n in names if n not in runtime.library.chunks and n not in (uploads or {})]
     if unknown:
         raise UserFacingError(f"Unknown chunk {unknown[0]!r}: reload the page.")
-    ids = builder.build(names, question, sys_prompt)
+    ids = builder.build(names, question, sys_prompt, uploads)
     limit = runtime.max_model_len
     if len(ids) + max_tokens > limit:
         raise UserFacingError(f"Context is {len(ids):,} tokens + {max_tokens} to generate, over the model's limit of "
