@@ -18,8 +18,8 @@ Elsewhere (CPU tests) FlexAttention computes every block.
 
 The arithmetic is written once for ints and tensors alike (:func:`tile_kv_blocks`), so the CPU test
 checks the same expressions the GPU path evaluates. ``python -m kvdemo.blend_mask --self-check`` runs the
-GPU check: FlexAttention with this mask against an SDPA oracle with an explicit boolean mask, and the
-time against SDPA's bottom-right causal (what LMCache computes today).
+GPU check: both exact paths against an SDPA oracle with an explicit boolean mask, and their time against
+the bottom-right causal call LMCache makes (vLLM's FlashAttention 3 where vLLM is importable).
 """
 
 from __future__ import annotations
@@ -28,15 +28,12 @@ import argparse
 import functools
 import itertools
 import json
-import logging
 import math
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
-
-log = logging.getLogger(__name__)
 
 Q_BLOCK = 128
 KV_BLOCK = 128
@@ -120,10 +117,16 @@ def build_block_mask(positions: Any, n_keys: int, q_block: int = Q_BLOCK, kv_blo
     ``with_full_blocks=False``: only the partial (diagonal) blocks, for the split path where FlashAttention
     computes the fully visible blocks. Built once per request (the positions are the same in every layer).
     """
+    return _block_mask(_tiles(positions, n_keys, q_block, kv_block), positions.shape[0], n_keys, q_block,
+                       kv_block, with_full_blocks)
+
+
+def _block_mask(tiles: tuple[Any, ...], k: int, n_keys: int, q_block: int, kv_block: int,
+                with_full_blocks: bool) -> Any:
     import torch
     from torch.nn.attention.flex_attention import BlockMask
 
-    padded, full, first, last, n_tiles, n_kv_blocks = _tiles(positions, n_keys, q_block, kv_block)
+    padded, full, first, last, n_tiles, n_kv_blocks = tiles
     ar = torch.arange(n_kv_blocks, device=padded.device, dtype=torch.int32)
     partial_num = (last - first + 1).clamp(min=0).to(torch.int32)
     partial_idx = (first.to(torch.int32)[:, None] + ar[None, :]).clamp(max=n_kv_blocks - 1)
@@ -138,8 +141,7 @@ def build_block_mask(positions: Any, n_keys: int, q_block: int = Q_BLOCK, kv_blo
         kwargs["compute_q_blocks"] = False  # forward only: skip the transposed (backward) indices
     return BlockMask.from_kv_blocks(
         partial_num[None, None], partial_idx[None, None].contiguous(), full_num, full_idx,
-        BLOCK_SIZE=(q_block, kv_block), mask_mod=key_at_or_before, seq_lengths=(positions.shape[0], n_keys),
-        **kwargs)
+        BLOCK_SIZE=(q_block, kv_block), mask_mod=key_at_or_before, seq_lengths=(k, n_keys), **kwargs)
 
 
 @dataclass
@@ -168,11 +170,12 @@ def build_plan(positions: Any, n_keys: int, split: bool) -> ExactPlan:
     n_pages = n_keys // KV_BLOCK  # the fully visible blocks are whole pages below n_keys
     if not split or n_pages == 0:
         return ExactPlan(split=False, mask=build_block_mask(positions, n_keys))
-    _, full, _, _, n_tiles, _ = _tiles(positions, n_keys, Q_BLOCK, KV_BLOCK)
-    device = positions.device
-    cu = (torch.arange(n_tiles + 1, device=device, dtype=torch.int32) * Q_BLOCK).clamp_(max=positions.shape[0])
+    tiles = _tiles(positions, n_keys, Q_BLOCK, KV_BLOCK)  # once: the block mask and the tile arrays share it
+    _, full, _, _, n_tiles, _ = tiles
+    device, k = positions.device, positions.shape[0]
+    cu = (torch.arange(n_tiles + 1, device=device, dtype=torch.int32) * Q_BLOCK).clamp_(max=k)
     table = torch.arange(n_pages, device=device, dtype=torch.int32).expand(n_tiles, n_pages).contiguous()
-    return ExactPlan(split=True, mask=build_block_mask(positions, n_keys, with_full_blocks=False),
+    return ExactPlan(split=True, mask=_block_mask(tiles, k, n_keys, Q_BLOCK, KV_BLOCK, with_full_blocks=False),
                      cu_seqlens_q=cu, seqused_k=(full * KV_BLOCK).to(torch.int32), block_table=table,
                      n_pages=n_pages)
 

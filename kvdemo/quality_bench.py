@@ -192,10 +192,9 @@ async def timing_pass(engines: list[EngineHandle], prompts: list[list[int]]) -> 
 
 
 def precompute_all(lmcache_engines: list[EngineHandle], library_prompts: list[list[int]],
-                   warm_up: list[int]) -> PrecomputeProgress:
-    """Every 🚀 engine stores every chunk, then blends one warm-up request (compiles what runs per blend)."""
-    progress = PrecomputeProgress()
-
+                   warm_up: list[int]) -> float:
+    """Every 🚀 engine stores every chunk, then blends one warm-up request (compiles what runs per blend);
+    returns the seconds it took (the engines work at once)."""
     async def one(h: EngineHandle) -> None:
         client = h.client()
         try:
@@ -210,8 +209,7 @@ def precompute_all(lmcache_engines: list[EngineHandle], library_prompts: list[li
 
     t0 = time.monotonic()
     asyncio.run(go())
-    progress.seconds = time.monotonic() - t0
-    return progress
+    return time.monotonic() - t0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -260,8 +258,8 @@ def run_quality(a, settings: Settings, argv_text: str) -> dict:
         print(f"kvdemo.bench: quality: {len(ids)} prompts of {min(map(len, ids))}-{max(map(len, ids))} tokens, "
               f"{len(blended)} LMCache engines + plain", flush=True)
         warm = builder.build(list(prompts[0].chunks)[::-1], "Warm-up: answer with one word.")
-        pre = precompute_all(list(blended.values()), runtime.precompute_prompts(), warm)
-        print(f"kvdemo.bench: precomputed the library on every LMCache engine in {pre.seconds:.1f} s", flush=True)
+        pre_s = precompute_all(list(blended.values()), runtime.precompute_prompts(), warm)
+        print(f"kvdemo.bench: precomputed the library on every LMCache engine in {pre_s:.1f} s", flush=True)
 
         async def measure():
             refs, controls = await reference_pass(plain, ids)

@@ -532,13 +532,10 @@ def _patch_split(module: ModuleType) -> None:
 
 _MASK_ATTR = "_kvdemo_exact_plan"
 _mask_said: set[str] = set()
-_flash_attn: list[Any] = []  # [vLLM's flash_attn_varlen_func or None], looked up once per process
-
-
+@functools.cache
 def _flash_attn_varlen() -> Any:
-    if not _flash_attn:
-        _flash_attn.append(blend_mask.vllm_flash_attn_varlen())
-    return _flash_attn[0]
+    """vLLM's flash_attn_varlen_func or None, looked up once per process."""
+    return blend_mask.vllm_flash_attn_varlen()
 
 
 def _say_mask_once(key: str, text: str, *args: Any, level: int = logging.INFO) -> None:
@@ -1520,4 +1517,4 @@ def _reset_for_tests() -> None:
         _state.__init__()  # type: ignore[misc]
         PROFILER.__init__()  # type: ignore[misc]
         _mask_said.clear()
-        _flash_attn.clear()
+        _flash_attn_varlen.cache_clear()
