@@ -56,13 +56,13 @@ from importlib import metadata, util
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from . import preflight
-from .config import DEFAULT_MODEL, REPO_ROOT, Settings
-from .engines import BASE_ENGINE_ENV, LMCACHE_KV_TRANSFER
-from .errors import UserFacingError
-from .lmcache_config import LmcacheConfig
-from .prompts import DEFAULT_SEPARATOR, Chunk, ChunkLibrary, PromptBuilder, load_tokenizer, read_chunk
-from .vllm_plugin import ENV_ENABLE as PLUGIN_ENV
+from .. import preflight
+from ..config import DEFAULT_MODEL, REPO_ROOT, Settings
+from ..engines import BASE_ENGINE_ENV, LMCACHE_KV_TRANSFER
+from ..errors import UserFacingError
+from ..lmcache_config import LmcacheConfig
+from ..prompts import DEFAULT_SEPARATOR, Chunk, ChunkLibrary, PromptBuilder, load_tokenizer, read_chunk
+from ..vllm_plugin import ENV_ENABLE as PLUGIN_ENV
 
 if TYPE_CHECKING:
     from typing_extensions import Self

@@ -1,0 +1,7 @@
+"""``python -m kvdemo.offline``: the CLI."""
+
+import sys
+
+from .session import main
+
+sys.exit(main())
