@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from kvdemo.pipelined_load import group_chunks, load_in_groups
+from kvdemo.lmcache_patches.pipelined_load import group_chunks, load_in_groups
 
 CHUNK = 256
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from kvdemo import vllm_plugin as vp
+from kvdemo.lmcache_patches import layerwise_sync
 
 NUM_LAYERS = 6
 SEGMENTS = [(0, 4), (5, 9), (10, 14)]  # (start, end) of three retrieved segments; gaps = separators
@@ -206,7 +206,7 @@ def drive_blend(gpu: FakeCuda) -> dict[str, dict[int, list[GpuOp]]]:
                                    MemoryFormat=types.SimpleNamespace(KV_2TD="KV_2TD"), LMCBlenderBuilder=None,
                                    logger=logging.getLogger("fake-lmcache"))
     connector = Connector(gpu)
-    batched_to_gpu = vp._make_batched_to_gpu(module)
+    batched_to_gpu = layerwise_sync.make_batched_to_gpu(module)
     starts, ends = [s for s, _ in SEGMENTS], [e for _, e in SEGMENTS]
     consumer = batched_to_gpu(connector, starts, ends, slot_mapping=FakeGpuTensor(gpu, "slots"))
     next(consumer)

@@ -14,6 +14,8 @@ from kvdemo import bench, trace_summary
 from kvdemo import vllm_plugin as vp
 from kvdemo.client import RequestStats
 from kvdemo.errors import UserFacingError
+from kvdemo.lmcache_patches import hooks as plugin_hooks
+from kvdemo.lmcache_patches import targets, trace
 from kvdemo.runtime import EngineHandle
 
 
@@ -87,10 +89,10 @@ def test_blend_is_traced_only_when_armed(tmp_path, monkeypatch) -> None:
         traced.append((trace_dir, label, n_tokens))
         return call()
 
-    monkeypatch.setattr(vp, "_traced_call", fake_traced_call)
+    monkeypatch.setattr(trace, "traced_call", fake_traced_call)
     module = types.SimpleNamespace(__name__="lmcache.v1.compute.blend.blender", LMCBlender=LMCBlender)
-    vp._patch_blend_trace(module, trace_dir=tmp_path)
-    vp._patch_blend_trace(module, trace_dir=tmp_path)  # idempotent: one wrapper
+    trace.patch_blend_trace(module, trace_dir=tmp_path)
+    trace.patch_blend_trace(module, trace_dir=tmp_path)  # idempotent: one wrapper
     blender = LMCBlender()
 
     assert blender.blend([1, 2, 3], slot_mapping="s") == "blended"
@@ -105,8 +107,8 @@ def test_blend_is_traced_only_when_armed(tmp_path, monkeypatch) -> None:
 
 def test_register_arms_tracing_from_the_environment(tmp_path, monkeypatch) -> None:
     hooks: list[str] = []
-    monkeypatch.setattr(vp, "_when_imported", lambda name, cb: hooks.append(name))
-    monkeypatch.setattr(vp, "_module_available", lambda name: True)
+    monkeypatch.setattr(plugin_hooks, "when_imported", lambda name, cb: hooks.append(name))
+    monkeypatch.setattr(plugin_hooks, "module_available", lambda name: True)
     monkeypatch.setenv(vp.ENV_ENABLE, "1")
     monkeypatch.setenv(vp.ENV_FIXES, "none")
     monkeypatch.setenv(vp.ENV_TRACE_DIR, str(tmp_path))
@@ -115,7 +117,7 @@ def test_register_arms_tracing_from_the_environment(tmp_path, monkeypatch) -> No
         vp.register()
     finally:
         vp._reset_for_tests()
-    assert hooks == [vp.MOD_BLENDER]
+    assert hooks == [targets.MOD_BLENDER]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -20,6 +20,8 @@ from typing import Any, ClassVar
 import pytest
 
 from kvdemo import vllm_plugin as vp
+from kvdemo.lmcache_patches import hooks, kernels, mask, quiet, split, targets
+from kvdemo.lmcache_patches import tokens as token_fix
 
 ENGINE_NAME = "vllm-instance"
 SEP = [938, 938, 223]  # " # # " minus BOS with the dummy model's tokenizer (GPU.md)
@@ -189,7 +191,7 @@ def clean_plugin(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         monkeypatch.delenv(var, raising=False)
     vp._reset_for_tests()
     before = set(sys.modules)
-    unpin_logger = logging.getLogger(vp.DOUBLE_UNPIN_LOGGER)
+    unpin_logger = logging.getLogger(quiet.DOUBLE_UNPIN_LOGGER)
     filters = list(unpin_logger.filters)
     yield
     vp._reset_for_tests()
@@ -242,7 +244,7 @@ def test_nothing_happens_without_env(fakes: Fakes) -> None:
 def test_env_other_than_1_is_off(fakes: Fakes, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(vp.ENV_ENABLE, "0")
     vp.register()
-    assert not vp._already(fakes.Worker.load_model, "register")
+    assert not hooks.already(fakes.Worker.load_model, "register")
 
 
 def test_missing_lmcache_does_not_crash(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
@@ -306,16 +308,16 @@ def test_register_is_idempotent(fakes: Fakes, monkeypatch: pytest.MonkeyPatch) -
     worker.load_model()
     assert worker.loaded == 1
     assert len(FakeTracker.calls) == 1
-    assert len(logging.getLogger(vp.DOUBLE_UNPIN_LOGGER).filters) == 1
+    assert len(logging.getLogger(quiet.DOUBLE_UNPIN_LOGGER).filters) == 1
 
 
 def test_fix_selection(fakes: Fakes, monkeypatch: pytest.MonkeyPatch) -> None:
     _enable(monkeypatch, "all,-mistral,-rope")
     vp.register()
-    assert vp._already(fakes.Worker.load_model, "register")
-    assert vp._already(fakes.SegmentTokenDatabase._fast_split_by_subtensor, "split")
+    assert hooks.already(fakes.Worker.load_model, "register")
+    assert hooks.already(fakes.SegmentTokenDatabase._fast_split_by_subtensor, "split")
     assert fakes.models.infer_model_from_vllm is fake_infer_model_from_vllm
-    assert not vp._already(fakes.FusedRope.fused_encode, "rope")
+    assert not hooks.already(fakes.FusedRope.fused_encode, "rope")
 
 
 def test_missing_target_warns(fakes: Fakes, monkeypatch: pytest.MonkeyPatch,
@@ -405,16 +407,16 @@ def test_split_known_segments(fakes: Fakes, monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_find_separator_starts() -> None:
-    assert vp.find_separator_starts([1, 9, 9, 9, 2], [9, 9]) == [1, 2]
-    assert vp.find_separator_starts([1, 2], [1, 2, 3]) == []
-    assert vp.find_separator_starts([1, 2], []) == []
+    assert split.find_separator_starts([1, 9, 9, 9, 2], [9, 9]) == [1, 2]
+    assert split.find_separator_starts([1, 2], [1, 2, 3]) == []
+    assert split.find_separator_starts([1, 2], []) == []
 
 
 def test_split_tensor_path_matches_list_path() -> None:
     torch = pytest.importorskip("torch")
     db = types.SimpleNamespace(sep_tokens=torch.tensor(SEP), sep_len=len(SEP))
     for tokens in SPLIT_CASES:
-        got = [t.tolist() for t in vp.fast_split_by_subtensor(db, torch.tensor(tokens, dtype=torch.long))]
+        got = [t.tolist() for t in split.fast_split_by_subtensor(db, torch.tensor(tokens, dtype=torch.long))]
         assert got == reference_split(tokens, SEP)
 
 
@@ -444,7 +446,7 @@ def test_rope_cache_moves_to_device_once(fakes: Fakes, monkeypatch: pytest.Monke
 def _register_warns_of_version(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, version: str,
                                fix: str) -> bool:
     """Register only ``fix`` with LMCache reporting ``version``; whether the plugin warned about that fix."""
-    monkeypatch.setattr(vp, "_lmcache_version", lambda: version)
+    monkeypatch.setattr(hooks, "lmcache_version", lambda: version)
     _enable(monkeypatch, fix)
     with caplog.at_level(logging.INFO, logger=vp.logger.name):
         vp.register()
@@ -466,9 +468,9 @@ def test_sync_fix_needs_the_copied_lmcache_version(fakes: Fakes, monkeypatch: py
     assert connector.batched_to_gpu is batched_to_gpu
 
     vp._reset_for_tests()
-    monkeypatch.setattr(vp, "_lmcache_version", lambda: "0.5.3")
+    monkeypatch.setattr(hooks, "lmcache_version", lambda: "0.5.3")
     vp.register()
-    assert getattr(connector.batched_to_gpu, vp._MARK) == "sync"
+    assert getattr(connector.batched_to_gpu, hooks.MARK) == "sync"
     assert connector.batched_to_gpu.__wrapped__ is batched_to_gpu
     assert module.VLLMBufferLayerwiseGPUConnector is connector
 
@@ -492,7 +494,7 @@ def test_double_unpin_warnings_are_quieted(fakes: Fakes, monkeypatch: pytest.Mon
     _enable(monkeypatch)
     vp.register()  # before LMCache's memory_management is imported, as in a vLLM process
     written: list[str] = []
-    lg = _lmcache_style_logger(vp.DOUBLE_UNPIN_LOGGER, written)  # the module's import runs init_logger
+    lg = _lmcache_style_logger(quiet.DOUBLE_UNPIN_LOGGER, written)  # the module's import runs init_logger
     for addr in range(288):
         lg.warning(f"Pin count of MemoryObj {addr}is negative: -1.Double unpin occurred somewhere."
                    "Setting pin count back to 0 as a hack but please find the bug.")
@@ -501,14 +503,15 @@ def test_double_unpin_warnings_are_quieted(fakes: Fakes, monkeypatch: pytest.Mon
     assert len(written) == 2
     assert "Double unpin occurred" in written[0] and "kvdemo plugin" in written[0]
     assert written[1] == "Some other warning"
-    assert vp._state.quiet_filter is not None and vp._state.quiet_filter.suppressed == 287
+    unpin_filter = quiet.current_filter()
+    assert unpin_filter is not None and unpin_filter.suppressed == 287
 
 
 def test_quiet_fix_off_keeps_warnings(fakes: Fakes, monkeypatch: pytest.MonkeyPatch) -> None:
     _enable(monkeypatch, "all,-quiet")
     vp.register()
     written: list[str] = []
-    lg = _lmcache_style_logger(vp.DOUBLE_UNPIN_LOGGER, written)
+    lg = _lmcache_style_logger(quiet.DOUBLE_UNPIN_LOGGER, written)
     for _ in range(3):
         lg.warning("x Double unpin occurred somewhere.")
     assert len(written) == 3
@@ -686,7 +689,7 @@ class FakeOtherOp(FakeSiluAndMul):
 
 
 def test_blend_runs_vllm_cuda_kernels_and_restores_them(monkeypatch: pytest.MonkeyPatch) -> None:
-    ir_ops = {name: FakeIrOp(name, []) for name in vp.BLEND_IR_OPS}
+    ir_ops = {name: FakeIrOp(name, []) for name in kernels.BLEND_IR_OPS}
     _module(monkeypatch, "vllm", ir=types.SimpleNamespace(ops=types.SimpleNamespace(**ir_ops)))
     act, rope, other = FakeSiluAndMul(), FakeRotaryEmbedding(), FakeOtherOp()
     already = FakeRotaryEmbedding()
@@ -704,16 +707,16 @@ def test_blend_runs_vllm_cuda_kernels_and_restores_them(monkeypatch: pytest.Monk
                 raise RuntimeError("engine error")
             return "blended"
 
-    module = types.SimpleNamespace(__name__=vp.MOD_BLENDER, LMCBlender=LMCBlender)
-    vp._patch_blend_kernels(module)
-    vp._patch_blend_kernels(module)  # idempotent
+    module = types.SimpleNamespace(__name__=targets.MOD_BLENDER, LMCBlender=LMCBlender)
+    kernels.patch_blend_kernels(module)
+    kernels.patch_blend_kernels(module)  # idempotent
     blender = LMCBlender()
     assert blender.blend([1, 2]) == "blended"
-    assert seen[0] == {"ir": {n: ["vllm_c", "native"] for n in vp.BLEND_IR_OPS},
+    assert seen[0] == {"ir": {n: ["vllm_c", "native"] for n in kernels.BLEND_IR_OPS},
                        "ops": ["cuda", "cuda", "native", "cuda"]}
     after = {"ir": {n: op.priority for n, op in ir_ops.items()},
              "ops": [m.forward(None) for m in (act, rope, other, already)]}
-    assert after == {"ir": {n: ["native"] for n in vp.BLEND_IR_OPS}, "ops": ["native", "native", "native", "cuda"]}
+    assert after == {"ir": {n: ["native"] for n in kernels.BLEND_IR_OPS}, "ops": ["native", "native", "native", "cuda"]}
     with pytest.raises(RuntimeError):
         blender.blend([1], fail=True)
     assert seen[1] == seen[0]
@@ -731,7 +734,7 @@ def test_blend_kernels_without_vllm_ir_still_blends(monkeypatch: pytest.MonkeyPa
         def blend(self, tokens: Any) -> str:
             return act.forward(None)
 
-    vp._patch_blend_kernels(types.SimpleNamespace(__name__=vp.MOD_BLENDER, LMCBlender=LMCBlender))
+    kernels.patch_blend_kernels(types.SimpleNamespace(__name__=targets.MOD_BLENDER, LMCBlender=LMCBlender))
     with caplog.at_level(logging.WARNING, logger=vp.logger.name):
         assert LMCBlender().blend([1]) == "cuda"
     assert act.forward(None) == "native"
@@ -765,7 +768,7 @@ def fake_torch(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
 def test_token_id_tensor_keeps_values_as_int64(fake_torch: types.ModuleType, tokens: Any) -> None:
     import numpy as np
 
-    tensor = vp.token_id_tensor(tokens)
+    tensor = token_fix.token_id_tensor(tokens)
     assert tensor.tolist() == list(tokens)
     assert tensor.dtype == np.int64
 
@@ -801,9 +804,9 @@ def test_blend_gets_its_tokens_on_the_device(fake_torch: types.ModuleType) -> No
             received.append((tokens, mask, kwargs))
             return "blended"
 
-    module = types.SimpleNamespace(__name__=vp.MOD_BLENDER, LMCBlender=LMCBlender, torch_device_type="cuda")
-    vp._patch_blend_tokens(module)
-    vp._patch_blend_tokens(module)  # idempotent
+    module = types.SimpleNamespace(__name__=targets.MOD_BLENDER, LMCBlender=LMCBlender, torch_device_type="cuda")
+    token_fix.patch_blend_tokens(module)
+    token_fix.patch_blend_tokens(module)  # idempotent
     assert LMCBlender().blend([3, 4, 5], "mask", slot_mapping="slots") == "blended"
     tokens, mask, kwargs = received[0]
     assert (tokens.tolist(), tokens.device, mask, kwargs) == ([3, 4, 5], "cuda", "mask", {"slot_mapping": "slots"})
@@ -866,10 +869,10 @@ def lookup_fakes(monkeypatch: pytest.MonkeyPatch) -> types.SimpleNamespace:
     for pkg in ("lmcache", "lmcache.integration", "lmcache.integration.vllm", "lmcache.v1",
                 "lmcache.v1.lookup_client"):
         _module(monkeypatch, pkg)
-    _module(monkeypatch, vp.MOD_LMC_VLLM_UTILS, ENGINE_NAME=ENGINE_NAME)
-    _module(monkeypatch, vp.MOD_CACHE_ENGINE, LMCacheEngineBuilder=FakeEngineBuilder)
+    _module(monkeypatch, targets.MOD_LMC_VLLM_UTILS, ENGINE_NAME=ENGINE_NAME)
+    _module(monkeypatch, targets.MOD_CACHE_ENGINE, LMCacheEngineBuilder=FakeEngineBuilder)
     cls = _lookup_client_cls()
-    _module(monkeypatch, vp.MOD_LOOKUP_CLIENT, LMCacheLookupClient=cls)
+    _module(monkeypatch, targets.MOD_LOOKUP_CLIENT, LMCacheLookupClient=cls)
     _enable(monkeypatch, "lookup")
     vp.register()
     return types.SimpleNamespace(cls=cls)
@@ -1027,8 +1030,8 @@ def pipeline_engine_cls(monkeypatch: pytest.MonkeyPatch) -> type:
     for pkg in ("lmcache", "lmcache.v1"):
         _module(monkeypatch, pkg)
     cls = _cache_engine_cls()
-    _module(monkeypatch, vp.MOD_CACHE_ENGINE, LMCacheEngine=cls)
-    monkeypatch.setattr(vp, "_lmcache_version", lambda: "0.5.3")
+    _module(monkeypatch, targets.MOD_CACHE_ENGINE, LMCacheEngine=cls)
+    monkeypatch.setattr(hooks, "lmcache_version", lambda: "0.5.3")
     _enable(monkeypatch, "pipeline")
     vp.register()
     return cls
@@ -1089,7 +1092,7 @@ def test_pipeline_needs_the_copied_lmcache_version(monkeypatch: pytest.MonkeyPat
         _module(monkeypatch, pkg)
     cls = _cache_engine_cls()
     original = cls.retrieve
-    _module(monkeypatch, vp.MOD_CACHE_ENGINE, LMCacheEngine=cls)
+    _module(monkeypatch, targets.MOD_CACHE_ENGINE, LMCacheEngine=cls)
     assert _register_warns_of_version(monkeypatch, caplog, "0.6.0", "pipeline")
     assert cls.retrieve is original
 
@@ -1147,8 +1150,8 @@ def mask_fakes(fakes: Fakes, monkeypatch: pytest.MonkeyPatch) -> Fakes:
     _module(monkeypatch, "lmcache.v1.compute.attention")
     fakes.Metadata = type("LMCFlashAttnMetadata", (FakeAttnMetadata,), {})
     fakes.Backend = type("LMCFlashAttnBackend", (FakeFlashBackend,), {})
-    _module(monkeypatch, vp.MOD_ATTN_METADATA, LMCFlashAttnMetadata=fakes.Metadata)
-    _module(monkeypatch, vp.MOD_FLASH_ATTN, LMCFlashAttnBackend=fakes.Backend)
+    _module(monkeypatch, targets.MOD_ATTN_METADATA, LMCFlashAttnMetadata=fakes.Metadata)
+    _module(monkeypatch, targets.MOD_FLASH_ATTN, LMCFlashAttnBackend=fakes.Backend)
     fakes.built = []
     fakes.exact_calls = []
 
@@ -1161,10 +1164,10 @@ def mask_fakes(fakes: Fakes, monkeypatch: pytest.MonkeyPatch) -> Fakes:
         fakes.exact_calls.append((plan, scale))
         return FakeRows(query.shape[0], "exact")
 
-    monkeypatch.setattr(vp.blend_mask, "build_plan", build)
-    monkeypatch.setattr(vp.blend_mask, "run_plan", exact)
-    monkeypatch.setattr(vp.blend_mask, "vllm_flash_attn_varlen", lambda: None)  # no vLLM here
-    monkeypatch.setattr(vp, "_lmcache_version", lambda: "0.5.3")
+    monkeypatch.setattr(mask.blend_mask, "build_plan", build)
+    monkeypatch.setattr(mask.blend_mask, "run_plan", exact)
+    monkeypatch.setattr(mask.blend_mask, "vllm_flash_attn_varlen", lambda: None)  # no vLLM here
+    monkeypatch.setattr(hooks, "lmcache_version", lambda: "0.5.3")
     return fakes
 
 
@@ -1221,7 +1224,7 @@ def test_mask_fix_errors_fall_back_once_per_request(mask_fakes: Fakes, monkeypat
     def broken(*args: Any) -> None:
         raise RuntimeError("no kernel")
 
-    monkeypatch.setattr(vp.blend_mask, "run_plan", broken)
+    monkeypatch.setattr(mask.blend_mask, "run_plan", broken)
     _enable(monkeypatch)
     vp.register()
     meta = mask_fakes.Metadata(10)
