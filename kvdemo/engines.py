@@ -19,6 +19,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -31,6 +32,53 @@ log = logging.getLogger(__name__)
 LMCACHE_KV_TRANSFER = {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}
 # Env every real engine gets (GPU.md): no 140 s flashinfer sampler JIT, stable hashes, no telemetry.
 BASE_ENGINE_ENV = {"VLLM_USE_FLASHINFER_SAMPLER": "0", "PYTHONHASHSEED": "0", "VLLM_NO_USAGE_STATS": "1"}
+# Switches on kvdemo.vllm_plugin (its ENV_ENABLE) in LMCache engines only: the plain engine stays stock vLLM.
+PLUGIN_ENV = "KVDEMO_LMCACHE_PLUGIN"
+
+
+# The LMCache engine's settings, defined once for both ways of running it: `vllm serve` flags (the app,
+# EngineSpec) and vllm.LLM keyword arguments (kvdemo.offline), so the two cannot drift apart.
+
+
+def lmcache_engine_kwargs() -> dict[str, Any]:
+    """What LMCache blending needs of a vLLM engine, as ``EngineArgs`` fields (a fresh copy each call).
+
+    The LMCache connector for both storing and loading; no vLLM prefix caching (vLLM's own cache would
+    answer before LMCache is asked); FlashAttention (LMCache's blender supports only that backend).
+    """
+    return {"kv_transfer_config": dict(LMCACHE_KV_TRANSFER), "enable_prefix_caching": False,
+            "attention_backend": "FLASH_ATTN"}
+
+
+def lmcache_engine_flags() -> list[str]:
+    """:func:`lmcache_engine_kwargs` as ``vllm serve`` flags (vLLM's own spelling of each field)."""
+    flags: list[str] = []
+    for name, value in lmcache_engine_kwargs().items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, dict):
+            flags += [flag, json.dumps(value, separators=(",", ":"))]
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
+def real_engine_env(*, lmcache: bool, lmcache_config: Path | str | None = None,
+                    local_model: bool = False) -> dict[str, str]:
+    """What a real (not simulated) vLLM engine adds to its environment; the GPU choice is the caller's.
+
+    :data:`BASE_ENGINE_ENV`; ``HF_HUB_OFFLINE=1`` for a local model directory (no Hub lookups); for an
+    LMCache engine also the plugin switch and LMCache's config file (``LMCACHE_CONFIG_FILE``).
+    """
+    env = dict(BASE_ENGINE_ENV)
+    if local_model:
+        env["HF_HUB_OFFLINE"] = "1"
+    if lmcache:
+        env[PLUGIN_ENV] = "1"
+        if lmcache_config:
+            env["LMCACHE_CONFIG_FILE"] = str(lmcache_config)
+    return env
 
 
 @dataclass
@@ -98,8 +146,7 @@ class EngineSpec:
             # Skips vLLM's memory profiling, so engines sharing one GPU can start at the same time.
             cmd += ["--kv-cache-memory-bytes", str(int(kv_gib * 2**30))]
         if self.lmcache:
-            cmd += ["--kv-transfer-config", json.dumps(LMCACHE_KV_TRANSFER, separators=(",", ":")),
-                    "--no-enable-prefix-caching", "--attention-backend", "FLASH_ATTN"]
+            cmd += lmcache_engine_flags()
         else:
             cmd += ["--enable-prefix-caching"]
         return cmd + list(self.extra_args)
@@ -109,15 +156,10 @@ class EngineSpec:
         env = dict(self.extra_env)
         if self.simulate:
             return env
-        env.update(BASE_ENGINE_ENV)
+        env.update(real_engine_env(lmcache=self.lmcache, lmcache_config=self.lmcache_config,
+                                   local_model=self.local_model))
         if self.slot.gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(self.slot.gpu)
-        if self.local_model:
-            env["HF_HUB_OFFLINE"] = "1"
-        if self.lmcache:
-            env["KVDEMO_LMCACHE_PLUGIN"] = "1"  # switches on kvdemo.vllm_plugin in this engine only
-            if self.lmcache_config:
-                env["LMCACHE_CONFIG_FILE"] = str(self.lmcache_config)
         return env
 
     def describe(self) -> str:

@@ -16,19 +16,18 @@ from .errors import EngineError, UserFacingError
 from .lmcache_config import LmcacheConfig
 from .preflight import detect_gpus
 from .runtime import DEFAULT_CONTEXT_TOKENS, Runtime
+from .signals import raise_system_exit
 
 log = logging.getLogger("kvdemo")
 
-
-def _raise_exit(signum: int, _frame) -> None:
-    raise SystemExit(128 + signum)
+_raise_exit = raise_system_exit  # the old private name, still imported by kvdemo.bench
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpx2", "httpcore", "openai"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    signal.signal(signal.SIGTERM, _raise_exit)
+    signal.signal(signal.SIGTERM, raise_system_exit)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C works even if started with SIGINT ignored
     runtime: Runtime | None = None
     try:

@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 import errno
+import json
 import logging
+import os
 import shutil
 import socket
 import subprocess
+import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
+from importlib import metadata, util
 from pathlib import Path
+from typing import Any
 
 from .config import Settings
 from .errors import UserFacingError
 
 log = logging.getLogger(__name__)
+
+# The plugin vLLM must load in an LMCache engine's processes (pyproject.toml's entry point).
+PLUGIN_GROUP = "vllm.general_plugins"
+PLUGIN_NAME = "kvdemo_lmcache"
+PLUGIN_TARGET = "kvdemo.vllm_plugin:register"
+VERIFIED_VERSIONS = {"vllm": "0.22.0", "lmcache": "0.5.3"}  # the pair GPU.md verified blending with
 
 
 @dataclass(frozen=True)
@@ -36,6 +48,18 @@ def detect_gpus() -> list[Gpu]:
     for line in out.strip().splitlines():
         index, name, mem = (x.strip() for x in line.split(","))
         gpus.append(Gpu(int(index), name, int(float(mem))))
+    return gpus
+
+
+def require_gpu(why: str) -> list[Gpu]:
+    """The GPUs nvidia-smi lists; a clear error when there are none (vLLM would fail obscurely later).
+
+    ``why`` says what needs the GPU, e.g. "offline blending needs one".
+    """
+    gpus = detect_gpus()
+    if not gpus:
+        raise UserFacingError(f"No NVIDIA GPU found (nvidia-smi lists none): {why}. Try "
+                              "`python app.py --simulate` for a GPU-free demo.")
     return gpus
 
 
@@ -117,3 +141,88 @@ def check_lmcache_config(path: Path) -> dict:
     if not isinstance(data, dict):
         raise UserFacingError(f"LMCache config {path} must be a mapping of keys to values.")
     return data
+
+
+def plugin_problem() -> str | None:
+    """Why vLLM would not load kvdemo's plugin (then LMCache cannot blend), or None when it will.
+
+    vLLM loads general plugins from installed entry points in every process it starts, so a source
+    checkout on ``PYTHONPATH`` is not enough: the project must be pip-installed.
+    """
+    try:
+        eps = list(metadata.entry_points(group=PLUGIN_GROUP))
+    except Exception as exc:  # noqa: BLE001 - a broken metadata install must not crash the check
+        return f"cannot list vLLM plugins ({type(exc).__name__}: {exc})"
+    ep = next((e for e in eps if e.name == PLUGIN_NAME), None)
+    if ep is None:
+        return (f"kvdemo's vLLM plugin is not installed (entry point {PLUGIN_NAME} in group {PLUGIN_GROUP}), "
+                "so LMCache cannot blend: run `pip install -e .` in the kvdemo checkout.")
+    if ep.value != PLUGIN_TARGET:
+        return (f"the installed entry point {PLUGIN_NAME} points at {ep.value}, not {PLUGIN_TARGET}: "
+                "reinstall kvdemo with `pip install -e .`.")
+    allowed = os.environ.get("VLLM_PLUGINS")
+    if allowed is not None and PLUGIN_NAME not in [p.strip() for p in allowed.split(",")]:
+        return f"VLLM_PLUGINS={allowed!r} leaves out {PLUGIN_NAME}: add it, or unset VLLM_PLUGINS."
+    return None
+
+
+def check_plugin_installed() -> None:
+    """:func:`plugin_problem` as a one-line error, before an LMCache engine spends minutes starting."""
+    problem = plugin_problem()
+    if problem:
+        raise UserFacingError(problem[0].upper() + problem[1:])
+
+
+def check_runtime_importable() -> None:
+    """vLLM and LMCache are installed (without importing them: that takes seconds and loads CUDA)."""
+    for name in ("vllm", "lmcache"):
+        if not _module_available(name):
+            raise UserFacingError(f"{name} is not installed in this Python: offline blending needs vllm "
+                                  f"{VERIFIED_VERSIONS['vllm']} + lmcache {VERIFIED_VERSIONS['lmcache']} "
+                                  "(pip install -r requirements.txt on the GPU machine).")
+    for name, verified in VERIFIED_VERSIONS.items():
+        version = package_version(name)
+        if version is not None and version != verified:
+            log.warning("%s %s is installed; blending was verified with vllm %s + lmcache %s", name, version,
+                        VERIFIED_VERSIONS["vllm"], VERIFIED_VERSIONS["lmcache"])
+
+
+def _module_available(name: str) -> bool:
+    if name in sys.modules:
+        return sys.modules[name] is not None
+    try:
+        return util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def model_context_limit(model: str) -> int | None:
+    """The model's own context length (config.json), to refuse too-long prompts before the engine starts.
+
+    None when unknown (e.g. the Hub is unreachable): the engine's ``max_model_len`` is checked after start.
+    """
+    settings = Settings(model=model, hf_token=os.environ.get("HF_TOKEN") or None)
+    config: Mapping[str, Any] = {}
+    try:
+        if settings.is_local_model:
+            config = json.loads((Path(model).expanduser() / "config.json").read_text())
+        else:
+            from transformers import AutoConfig  # lazy: importing transformers takes seconds
+
+            config = AutoConfig.from_pretrained(model, token=settings.hf_token).to_dict()
+    except Exception as exc:  # noqa: BLE001 - only an early check; vLLM checks again
+        log.debug("cannot read the context length of %s: %s", model, exc)
+        return None
+    for source in (config, config.get("text_config") or {}):
+        for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+            value = source.get(key)
+            if isinstance(value, int) and value > 0:
+                return value
+    return None

@@ -22,7 +22,7 @@ from .errors import EngineError, UserFacingError
 from .kvstore import KvStore
 from .lmcache_config import LmcacheConfig
 from .precompute import PrecomputeProgress, PrecomputeRequest, precompute
-from .preflight import check_model, check_port_free, choose_gpus, detect_gpus
+from .preflight import check_model, check_plugin_installed, check_port_free, choose_gpus, detect_gpus
 from .prompts import ChunkLibrary, PromptBuilder, load_tokenizer
 from .scenarios import blend, share
 
@@ -101,6 +101,10 @@ class Runtime:
         specs = self.plan()
         self.lmcache_config = LmcacheConfig.load(s.lmcache_config_path)
         check_model(s)
+        if not s.simulate and not s.attach and any(spec.lmcache for spec in specs):
+            # vLLM loads kvdemo's plugin through its entry point; without it LMCache cannot blend, and
+            # that would show only as an error in the engine's log, minutes after start.
+            check_plugin_installed()
         if s.scenario == "share" and not s.attach:
             if s.clear_kv_store:
                 print(f"kvdemo: cleared {self.kv_store.clear() / 2**20:.0f} MiB from the KV store", flush=True)

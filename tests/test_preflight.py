@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import signal
 import socket
 import subprocess
+from types import SimpleNamespace
 
 import pytest
 
+from kvdemo import main as main_module
 from kvdemo import preflight
-from kvdemo.config import DEFAULT_MODEL, REPO_ROOT, Settings
+from kvdemo import runtime as runtime_module
+from kvdemo.config import DEFAULT_MODEL, REPO_ROOT, Settings, parse_settings
 from kvdemo.errors import UserFacingError
 from kvdemo.preflight import Gpu, check_lmcache_config, check_model, check_port_free, choose_gpus
+from kvdemo.runtime import Runtime
 
 
 @pytest.fixture
@@ -145,3 +151,89 @@ def test_check_model_local_dir_without_config(tmp_path):
 
 def test_check_model_simulated_default_needs_no_hub():
     check_model(Settings(model=DEFAULT_MODEL, simulate=True))  # no network here: must not try the Hub
+
+
+# ----- kvdemo's vLLM plugin: installed as an entry point, checked before real LMCache engines start ------
+
+
+def _entry_points(*installed):
+    """importlib.metadata.entry_points as if these (name, value) pairs were in vLLM's plugin group."""
+    def entry_points(group: str | None = None, **_):
+        return [SimpleNamespace(name=n, value=v, group=group) for n, v in installed] \
+            if group == preflight.PLUGIN_GROUP else []
+    return entry_points
+
+
+def test_plugin_entry_point_is_the_one_pyproject_declares():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    declared = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["entry-points"]
+    assert declared[preflight.PLUGIN_GROUP] == {preflight.PLUGIN_NAME: preflight.PLUGIN_TARGET}
+
+
+def test_plugin_problems(monkeypatch):
+    monkeypatch.delenv("VLLM_PLUGINS", raising=False)
+    monkeypatch.setattr(importlib.metadata, "entry_points", _entry_points())
+    with pytest.raises(UserFacingError, match=r"not installed .*run `pip install -e \.`") as exc:
+        preflight.check_plugin_installed()
+    assert "\n" not in str(exc.value)
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        _entry_points((preflight.PLUGIN_NAME, "old.module:f")))
+    assert "points at old.module:f" in preflight.plugin_problem()
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        _entry_points((preflight.PLUGIN_NAME, preflight.PLUGIN_TARGET)))
+    preflight.check_plugin_installed()
+    monkeypatch.setenv("VLLM_PLUGINS", "other")
+    assert "VLLM_PLUGINS" in preflight.plugin_problem()
+
+
+def test_require_gpu(monkeypatch):
+    monkeypatch.setattr(preflight, "detect_gpus", list)
+    message = r"^No NVIDIA GPU found \(nvidia-smi lists none\): it needs one\. Try `python app\.py"
+    with pytest.raises(UserFacingError, match=message) as exc:
+        preflight.require_gpu("it needs one")
+    assert str(exc.value).endswith("`python app.py --simulate` for a GPU-free demo.")
+    gpus = [Gpu(0, "NVIDIA H100 80GB HBM3", 81559)]
+    monkeypatch.setattr(preflight, "detect_gpus", lambda: gpus)
+    assert preflight.require_gpu("it needs one") == gpus
+
+
+class _PastPreflight(Exception):
+    """Raised by the first check after the plugin check: start() got past it."""
+
+
+@pytest.fixture
+def app_flags(tmp_path, monkeypatch) -> list[str]:
+    """Flags for a local model on one fake GPU, kvdemo's plugin not installed; start() stops right after
+    the plugin check (at the port checks)."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    monkeypatch.setattr(preflight, "detect_gpus", lambda: [Gpu(0, "NVIDIA H100 80GB HBM3", 81559)])
+    monkeypatch.setattr(importlib.metadata, "entry_points", _entry_points())
+    monkeypatch.delenv("VLLM_PLUGINS", raising=False)
+
+    def past(*_a, **_k):
+        raise _PastPreflight
+
+    monkeypatch.setattr(runtime_module, "check_port_free", past)
+    return ["--model", str(model), "--log-dir", str(tmp_path / "logs")]
+
+
+def test_app_refuses_real_engines_without_the_plugin(app_flags, capsys):
+    with pytest.raises(UserFacingError, match=r"pip install -e \.") as exc:
+        Runtime(parse_settings(app_flags)).start()
+    assert "\n" not in str(exc.value)
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        assert main_module.main(app_flags) == 2
+    finally:
+        signal.signal(signal.SIGTERM, handlers[0])
+        signal.signal(signal.SIGINT, handlers[1])
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kvdemo: ") and "pip install -e ." in err and "\n" not in err
+
+
+@pytest.mark.parametrize("flags", [["--simulate"], ["--attach", "http://gpu-a:8000,http://gpu-b:8000"]])
+def test_app_needs_no_plugin_for_simulated_or_attached_engines(app_flags, flags):
+    with pytest.raises(_PastPreflight):
+        Runtime(parse_settings([*app_flags, *flags])).start()

@@ -1,7 +1,7 @@
-"""``python -m kvdemo.offline``: the CLI."""
+"""``python -m kvdemo.offline``: the CLI (:func:`kvdemo.offline.cli.main`)."""
 
 import sys
 
-from .session import main
+from .cli import main
 
 sys.exit(main())

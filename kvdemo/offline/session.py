@@ -1,18 +1,6 @@
-"""LMCache KV blending in a script, without a server: vLLM's in-process ``LLM`` with the LMCache connector.
+"""The programmatic API: :class:`BlendSession`, an in-process vLLM ``LLM`` with the LMCache connector.
 
-The offline counterpart of LMCache's ``examples/blend_kv_v1/blend.py``, built on the same pieces as the
-app's server path, so both blend the same way:
-
-* prompts are token ids assembled by :class:`kvdemo.prompts.PromptBuilder` (``assemble`` /
-  ``precompute_layout``): ``[BOS] + sys + SEP + c1 + ... + SEP + cN + SEP + question``, every piece
-  tokenized on its own, so each chunk's KV is found again wherever the chunk sits;
-* the engine gets the LMCache engine's settings of :mod:`kvdemo.engines` (``LMCACHE_KV_TRANSFER``,
-  ``BASE_ENGINE_ENV``, no prefix caching, FlashAttention) and ``KVDEMO_LMCACHE_PLUGIN=1``, which switches
-  on :mod:`kvdemo.vllm_plugin` (model registration with LMCache's blender, Mistral mapping, LMCache
-  fixes). vLLM loads that plugin through the ``kvdemo_lmcache`` entry point in every process it starts,
-  so the project must be pip-installed (``pip install -e .``).
-
-API::
+::
 
     from kvdemo.offline import BlendSession
 
@@ -23,456 +11,49 @@ API::
         result = session.generate("You are a helpful assistant.", chunks, "What does the text say?")
         print(result.text, result.ttft_s)
 
-CLI (prints the answer, the TTFT of a full-prefill baseline and of the blended run, and the speedup)::
-
-    python -m kvdemo.offline --model M --chunks data/chunks/a.txt data/chunks/b.txt --question "..." \
-        [--config lmcache_configs/offline.yaml] [--engine-args "--load-format dummy --enforce-eager"] [--json]
-
-Run protocol of the CLI: start the engine → warm-up (its own synthetic prompt: a full prefill, a
-precompute and a blended request, so CUDA/JIT warm-up of both paths is not measured) → the prompt
-``--repeats`` times before anything of it is cached (full prefill; ``lmcache.skip_save`` so nothing is
-stored) → precompute ``[BOS]+sys`` and ``[BOS]+SEP+ci`` → the same prompt ``--repeats`` times, blended
-(also ``skip_save``, so every repeat blends the same cached chunks) → shut down.
+vLLM and LMCache are imported only when a session starts, after the checks of :mod:`kvdemo.preflight`
+and with the engine's environment set, so its engine-core process inherits it.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import dataclasses
 import gc
-import hashlib
-import json
 import logging
 import os
-import shlex
-import signal
-import statistics
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from importlib import metadata, util
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any
 
 from .. import preflight
-from ..config import DEFAULT_MODEL, REPO_ROOT, Settings
-from ..engines import BASE_ENGINE_ENV, LMCACHE_KV_TRANSFER
+from ..config import DEFAULT_MODEL, Settings
 from ..errors import UserFacingError
 from ..lmcache_config import LmcacheConfig
-from ..prompts import DEFAULT_SEPARATOR, Chunk, ChunkLibrary, PromptBuilder, load_tokenizer, read_chunk
-from ..vllm_plugin import ENV_ENABLE as PLUGIN_ENV
+from ..prompts import load_tokenizer
+from .prompts import ChunkLike, ChunkPrompts
+from .settings import (
+    DEFAULT_CONFIG,
+    DEFAULT_MAX_TOKENS,
+    TTFT_FROM_METRICS,
+    TTFT_FROM_WALL_CLOCK,
+    build_engine_kwargs,
+    engine_env,
+    ttft_from_output,
+    with_skip_save,
+)
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-log = logging.getLogger(__name__)
-
-PROG = "kvdemo.offline"
-DEFAULT_CONFIG = REPO_ROOT / "lmcache_configs" / "offline.yaml"
-DEFAULT_SYS_PROMPT_FILE = REPO_ROOT / "data" / "sys_prompt.txt"
-DEFAULT_MAX_TOKENS = 128
-DEFAULT_REPEATS = 3
-
-# The plugin vLLM must load in its engine processes (pyproject.toml's entry point).
-PLUGIN_GROUP = "vllm.general_plugins"
-PLUGIN_NAME = "kvdemo_lmcache"
-PLUGIN_TARGET = "kvdemo.vllm_plugin:register"
-VERIFIED_VERSIONS = {"vllm": "0.22.0", "lmcache": "0.5.3"}  # the pair GPU.md verified blending with
-
-# Engine settings LMCache blending needs (the server's LMCache engine: engines.EngineSpec.argv).
-BLENDING_ENGINE_KWARGS: dict[str, Any] = {
-    "kv_transfer_config": dict(LMCACHE_KV_TRANSFER),
-    "enable_prefix_caching": False,  # vLLM's own prefix cache would answer before LMCache is asked
-    "attention_backend": "FLASH_ATTN",  # LMCache's blender supports FlashAttention only
-}
-SKIP_SAVE = "lmcache.skip_save"
-
-TTFT_FROM_METRICS = "vllm RequestOutput.metrics.first_token_latency (request arrival -> first token)"
-TTFT_FROM_WALL_CLOCK = "wall clock of LLM.generate(max_tokens=1)"
-
-ChunkLike = str | os.PathLike | Chunk
-
-
-# --------------------------------------------------------------------------------------------------
-# Pure helpers: engine arguments, environment, checks (no vLLM, no GPU)
-# --------------------------------------------------------------------------------------------------
-
-
-def parse_engine_args(text: str | Sequence[str] | None) -> dict[str, Any]:
-    """``--engine-args`` (the app's ``vllm serve`` pass-through) → keyword arguments for ``vllm.LLM``.
-
-    The app passes these flags to ``vllm serve``; offline they become ``LLM(**kwargs)`` (vLLM's
-    ``EngineArgs`` fields), so one string works for both. The mapping:
-
-    * ``--name value`` and ``--name=value`` → ``name=value`` (dashes become underscores); the value is
-      decoded as JSON when it parses (``4`` → 4, ``0.5`` → 0.5, ``true`` → True, ``{"a": 1}`` → dict),
-      otherwise kept as a string (``dummy``);
-    * ``--name`` with no value (end, or the next token is a flag) → ``name=True``;
-    * ``--no-name`` with no value → ``name=False`` (vLLM's ``--no-enable-prefix-caching``).
-
-    Short flags (``-tp 2``) and positional words are refused: say ``--tensor-parallel-size 2``.
-    """
-    tokens = shlex.split(text) if isinstance(text, str) else list(text or [])
-    kwargs: dict[str, Any] = {}
-    i = 0
-    while i < len(tokens):
-        token = tokens[i]
-        if not token.startswith("--") or token == "--":
-            raise UserFacingError(f"--engine-args: expected a --flag, got {token!r} (use long flags, e.g. "
-                                  '"--load-format dummy --enforce-eager").')
-        name, eq, value = token[2:].partition("=")
-        if eq:
-            kwargs[_kwarg_name(name)] = _decode_value(name, value)
-            i += 1
-        elif i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
-            kwargs[_kwarg_name(name)] = _decode_value(name, tokens[i + 1])
-            i += 2
-        else:
-            if name.startswith("no-"):
-                kwargs[_kwarg_name(name[3:])] = False
-            else:
-                kwargs[_kwarg_name(name)] = True
-            i += 1
-    return kwargs
-
-
-def _kwarg_name(flag: str) -> str:
-    if not flag or not all(c.isalnum() or c in "-_" for c in flag):
-        raise UserFacingError(f"--engine-args: {('--' + flag)!r} is not a valid flag name.")
-    return flag.replace("-", "_")
-
-
-def _decode_value(flag: str, value: str) -> Any:
-    try:
-        return json.loads(value)
-    except ValueError:
-        if value.lstrip().startswith(("{", "[")):
-            raise UserFacingError(f"--engine-args: the value of --{flag} looks like JSON but does not parse: "
-                                  f"{value!r}.") from None
-        return value
-
-
-def build_engine_kwargs(model: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Keyword arguments for ``vllm.LLM``: the LMCache engine's settings, then the caller's ``extra``.
-
-    ``extra`` may override the blending settings (a warning says blending may then not work) but never
-    ``model``. ``disable_log_stats=False`` makes vLLM fill ``RequestOutput.metrics`` (the TTFT source).
-    """
-    extra = dict(extra or {})
-    if "model" in extra:
-        raise UserFacingError("--engine-args must not set the model: use --model.")
-    kwargs: dict[str, Any] = {"model": model, **BLENDING_ENGINE_KWARGS, "disable_log_stats": False}
-    if "attention_config" in extra:
-        kwargs.pop("attention_backend")  # vLLM refuses both at once
-    for key, value in extra.items():
-        if key in BLENDING_ENGINE_KWARGS and value != BLENDING_ENGINE_KWARGS[key]:
-            log.warning("engine argument %s=%r overrides %r, which LMCache blending needs; "
-                        "blending may not work", key, value, BLENDING_ENGINE_KWARGS[key])
-        if key == "disable_log_stats" and value:
-            log.warning("disable_log_stats=True: vLLM fills no request metrics; TTFT falls back to %s",
-                        TTFT_FROM_WALL_CLOCK)
-        kwargs[key] = value
-    return kwargs
-
-
-def engine_env(config: Path, model: str) -> dict[str, str]:
-    """Environment the engine needs, set before vLLM is imported so its engine-core process inherits it.
-
-    The same variables the app gives its LMCache engine (engines.EngineSpec.env): the plugin switch,
-    LMCache's config file, no flashinfer sampler JIT, stable hashes, no telemetry, and offline Hub access
-    for a local model directory.
-    """
-    env = dict(BASE_ENGINE_ENV)
-    env[PLUGIN_ENV] = "1"
-    env["LMCACHE_CONFIG_FILE"] = str(Path(config).expanduser().resolve())
-    if Settings(model=model).is_local_model:
-        env["HF_HUB_OFFLINE"] = "1"
-    return env
+log = logging.getLogger("kvdemo.offline")
 
 
 def require_gpu() -> list[preflight.Gpu]:
     """The GPUs nvidia-smi lists; a clear error when there are none (vLLM would fail obscurely later)."""
-    gpus = preflight.detect_gpus()
-    if not gpus:
-        raise UserFacingError("No NVIDIA GPU found (nvidia-smi lists none): offline blending needs one, "
-                              "since vLLM and LMCache run in this process. Try `python app.py --simulate` "
-                              "for a GPU-free demo.")
-    return gpus
-
-
-def plugin_problem() -> str | None:
-    """Why vLLM would not load kvdemo's plugin (then LMCache cannot blend), or None when it will."""
-    try:
-        eps = list(metadata.entry_points(group=PLUGIN_GROUP))
-    except Exception as exc:  # noqa: BLE001 - a broken metadata install must not crash the check
-        return f"cannot list vLLM plugins ({type(exc).__name__}: {exc})"
-    ep = next((e for e in eps if e.name == PLUGIN_NAME), None)
-    if ep is None:
-        return (f"kvdemo's vLLM plugin is not installed (entry point {PLUGIN_NAME} in group {PLUGIN_GROUP}), "
-                "so LMCache cannot blend: run `pip install -e .` in the kvdemo checkout.")
-    if ep.value != PLUGIN_TARGET:
-        return (f"the installed entry point {PLUGIN_NAME} points at {ep.value}, not {PLUGIN_TARGET}: "
-                "reinstall kvdemo with `pip install -e .`.")
-    allowed = os.environ.get("VLLM_PLUGINS")
-    if allowed is not None and PLUGIN_NAME not in [p.strip() for p in allowed.split(",")]:
-        return f"VLLM_PLUGINS={allowed!r} leaves out {PLUGIN_NAME}: add it, or unset VLLM_PLUGINS."
-    return None
-
-
-def check_plugin_installed() -> None:
-    problem = plugin_problem()
-    if problem:
-        raise UserFacingError(problem[0].upper() + problem[1:])
-
-
-def check_runtime_importable() -> None:
-    """vLLM and LMCache are installed (without importing them: that takes seconds and loads CUDA)."""
-    for name in ("vllm", "lmcache"):
-        if not _module_available(name):
-            raise UserFacingError(f"{name} is not installed in this Python: offline blending needs vllm "
-                                  f"{VERIFIED_VERSIONS['vllm']} + lmcache {VERIFIED_VERSIONS['lmcache']} "
-                                  "(pip install -r requirements.txt on the GPU machine).")
-    for name, verified in VERIFIED_VERSIONS.items():
-        version = package_version(name)
-        if version is not None and version != verified:
-            log.warning("%s %s is installed; blending was verified with vllm %s + lmcache %s", name, version,
-                        VERIFIED_VERSIONS["vllm"], VERIFIED_VERSIONS["lmcache"])
-
-
-def _module_available(name: str) -> bool:
-    if name in sys.modules:
-        return sys.modules[name] is not None
-    try:
-        return util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def package_version(name: str) -> str | None:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def model_context_limit(model: str) -> int | None:
-    """The model's own context length (config.json), to refuse too-long prompts before the engine starts.
-
-    None when unknown (e.g. the Hub is unreachable): the engine's ``max_model_len`` is checked after start.
-    """
-    settings = Settings(model=model, hf_token=os.environ.get("HF_TOKEN") or None)
-    config: Mapping[str, Any] = {}
-    try:
-        if settings.is_local_model:
-            config = json.loads((Path(model).expanduser() / "config.json").read_text())
-        else:
-            from transformers import AutoConfig  # lazy: importing transformers takes seconds
-
-            config = AutoConfig.from_pretrained(model, token=settings.hf_token).to_dict()
-    except Exception as exc:  # noqa: BLE001 - only an early check; vLLM checks again
-        log.debug("cannot read the context length of %s: %s", model, exc)
-        return None
-    for source in (config, config.get("text_config") or {}):
-        for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
-            value = source.get(key)
-            if isinstance(value, int) and value > 0:
-                return value
-    return None
-
-
-def with_skip_save(extra_args: Mapping[str, Any] | None) -> dict[str, Any]:
-    """``SamplingParams.extra_args`` with ``kv_transfer_params["lmcache.skip_save"] = True``.
-
-    vLLM 0.22 hands ``extra_args["kv_transfer_params"]`` to the KV connector (``vllm/v1/request.py``) and
-    LMCache reads its ``lmcache.*`` keys as per-request settings (``extract_request_configs`` in
-    ``lmcache/integration/vllm/vllm_v1_adapter.py``) — the offline form of the completions API's
-    ``"kv_transfer_params": {"lmcache.skip_save": true}``. A question is never worth storing, and an
-    unsaved baseline stays a full prefill on every repeat.
-    """
-    extra = dict(extra_args or {})
-    params = dict(extra.get("kv_transfer_params") or {})
-    params[SKIP_SAVE] = True
-    extra["kv_transfer_params"] = params
-    return extra
-
-
-def ttft_from_output(output: Any) -> float | None:
-    """TTFT of one vLLM ``RequestOutput`` from its V1 metrics (``RequestStateStats.first_token_latency``).
-
-    vLLM 0.22 sets it (``vllm/v1/metrics/stats.py``, ``IterationStats.update_from_output``) as the time from
-    the request's arrival to the output step that carried its first token, in this process — what a
-    client measures, minus HTTP. Metrics exist only when stats are on (``disable_log_stats=False``).
-    """
-    metrics = getattr(output, "metrics", None)
-    value = getattr(metrics, "first_token_latency", None)
-    if isinstance(value, (int, float)) and value > 0:
-        return float(value)
-    return None
-
-
-# --------------------------------------------------------------------------------------------------
-# Prompts: chunk files/texts → token ids through kvdemo.prompts.PromptBuilder
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BlendPrompts:
-    """The token ids of one blended question and of the precompute requests that cache its pieces."""
-
-    chunk_names: list[str]
-    sys_ids: list[int]  # the system-prompt segment without BOS (chat prefix included)
-    chunk_ids: list[list[int]]
-    question_ids: list[int]
-    prompt: list[int]  # [BOS] + sys + SEP + c1 + ... + SEP + cN + SEP + question
-    precompute: list[list[int]]  # [BOS] + sys, then [BOS] + SEP + ci per chunk
-    bos_tokens: int
-    sep_tokens: int
-
-    @property
-    def total(self) -> int:
-        return len(self.prompt)
-
-    def breakdown(self) -> dict[str, Any]:
-        """Token counts of each piece; they add up to ``total``."""
-        return {"total": self.total, "bos": self.bos_tokens, "system": len(self.sys_ids),
-                "chunks": [len(c) for c in self.chunk_ids],
-                "separators": self.sep_tokens * (len(self.chunk_ids) + 1), "question": len(self.question_ids)}
-
-    def describe(self) -> str:
-        b = self.breakdown()
-        return (f"{b['total']} tokens: system {b['system']}, {len(b['chunks'])} chunk(s) {sum(b['chunks'])}, "
-                f"separators {b['separators']}, question {b['question']}, BOS {b['bos']}")
-
-
-def load_chunk_file(path: str | os.PathLike) -> Chunk:
-    """One chunk file (kvdemo.prompts.read_chunk: empty or non-UTF-8 files are refused)."""
-    path = Path(path)
-    if not path.exists():
-        raise UserFacingError(f"Chunk file {path} does not exist: check the paths given to --chunks.")
-    if path.is_dir():
-        raise UserFacingError(f"{path} is a directory: --chunks takes files, e.g. {path}/*.txt.")
-    return read_chunk(path)
-
-
-def read_sys_prompt(path: str | os.PathLike) -> str:
-    """The system prompt file's text; missing, empty or non-UTF-8 files are refused."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserFacingError(f"System prompt file {path} does not exist: fix --sys-prompt-file.")
-    try:
-        return read_chunk(path).text
-    except UserFacingError as exc:
-        raise UserFacingError(f"--sys-prompt-file: {exc}") from exc
-
-
-def _is_file(text: str) -> bool:
-    try:
-        return Path(text).is_file()
-    except (OSError, ValueError):
-        return False
-
-
-def _text_chunk(text: str, index: int) -> Chunk:
-    body = text.strip()
-    if not body:
-        raise UserFacingError(f"Chunk {index + 1} is empty text: give it some text or leave it out.")
-    if "\n" not in body and len(body) < 4096 and _is_file(body):
-        log.warning("chunk %d is a str that names an existing file; it is used as TEXT (pass a Path to read "
-                    "the file)", index + 1)
-    first, _, _ = body.partition("\n")
-    digest = hashlib.sha1(body.encode()).hexdigest()[:10]
-    return Chunk(name=f"text-{digest}", title=first.lstrip("#").strip()[:80] or f"text-{digest}", text=body)
-
-
-class ChunkPrompts:
-    """Token-id prompts for offline blending, assembled by the server path's PromptBuilder.
-
-    Chunks (files, texts or :class:`~kvdemo.prompts.Chunk`) go into one ChunkLibrary so that
-    ``PromptBuilder.chunk_ids`` tokenizes each once; two different chunks with the same file stem get
-    distinct names. The separator must be LMCache's ``blend_special_str``.
-    """
-
-    def __init__(self, tokenizer: Any, sys_prompt: str = "", separator: str = DEFAULT_SEPARATOR) -> None:
-        self.library = ChunkLibrary(sys_prompt=sys_prompt, chunks={})
-        self.builder = PromptBuilder(tokenizer, self.library, separator)
-
-    @property
-    def separator(self) -> str:
-        return self.builder.separator
-
-    def add(self, chunks: Sequence[ChunkLike]) -> list[str]:
-        """Put chunks into the library; returns their names, in the order given."""
-        if isinstance(chunks, (str, os.PathLike, Chunk)):
-            raise TypeError("chunks must be a sequence (texts, paths or Chunk objects), not one chunk")
-        names = []
-        for i, item in enumerate(chunks):
-            if isinstance(item, Chunk):
-                chunk = item
-            elif isinstance(item, os.PathLike):
-                chunk = load_chunk_file(item)
-            elif isinstance(item, str):
-                chunk = _text_chunk(item, i)
-            else:
-                raise TypeError(f"chunk {i + 1}: expected str (text), a path or a Chunk, "
-                                f"got {type(item).__name__}")
-            existing = self.library.chunks.get(chunk.name)
-            if existing is not None and existing.text != chunk.text:
-                digest = hashlib.sha1(chunk.text.encode()).hexdigest()[:8]
-                chunk = dataclasses.replace(chunk, name=f"{chunk.name}-{digest}")
-            self.library.chunks[chunk.name] = chunk
-            names.append(chunk.name)
-        return names
-
-    def _sys_ids(self, sys_prompt: str | None) -> list[int]:
-        text = self.library.sys_prompt if sys_prompt is None else sys_prompt
-        if not text.strip():
-            raise UserFacingError("The system prompt is empty: LMCache matches a blended prompt from its "
-                                  "system segment on, so give one (--sys-prompt-file, or sys_prompt=...).")
-        return self.builder.sys_ids(text.strip())
-
-    def precompute(self, chunks: Sequence[ChunkLike], sys_prompt: str | None = None) -> list[list[int]]:
-        """``[BOS] + sys``, then ``[BOS] + SEP + ci`` per chunk: each request stores one segment's KV."""
-        names = self.add(chunks)
-        chunk_ids = [self.builder.chunk_ids(n) for n in names]
-        return self.builder.precompute_layout(self._sys_ids(sys_prompt), chunk_ids)
-
-    def build(self, chunks: Sequence[ChunkLike], question: str,
-              sys_prompt: str | None = None) -> BlendPrompts:
-        """The blended prompt and its precompute requests, from the same tokenized pieces."""
-        if not question or not question.strip():
-            raise UserFacingError("The question is empty: give --question some text.")
-        if not chunks:
-            raise UserFacingError("No chunks given: blending needs at least one chunk (--chunks FILE ...).")
-        names = self.add(chunks)
-        sys_ids = self._sys_ids(sys_prompt)
-        chunk_ids = [self.builder.chunk_ids(n) for n in names]
-        question_ids = self.builder.question_ids(question)
-        return BlendPrompts(
-            chunk_names=names, sys_ids=sys_ids, chunk_ids=chunk_ids, question_ids=question_ids,
-            prompt=self.builder.assemble(sys_ids, chunk_ids, question_ids),
-            precompute=self.builder.precompute_layout(sys_ids, chunk_ids),
-            bos_tokens=len(self.builder.bos_ids), sep_tokens=len(self.builder.sep_ids),
-        )
-
-
-def check_fits(prompts: BlendPrompts, max_tokens: int, limit: int | None,
-               limit_source: str = "max_model_len") -> None:
-    """Refuse a prompt the model cannot take (vLLM needs prompt + at least 1 token <= max_model_len)."""
-    if limit is None:
-        return
-    needed = prompts.total + max(1, max_tokens)
-    if needed > limit:
-        raise UserFacingError(
-            f"The prompt is too long for the model: {prompts.describe()}; with max tokens {max_tokens} it "
-            f"needs {needed} tokens, but the model allows {limit} ({limit_source}). Use fewer or shorter "
-            "chunks, fewer --max-tokens, or a larger --max-model-len if the model supports it.")
-
-
-# --------------------------------------------------------------------------------------------------
-# The session: vLLM LLM + LMCache connector
-# --------------------------------------------------------------------------------------------------
+    return preflight.require_gpu("offline blending needs one, since vLLM and LMCache run in this process")
 
 
 @dataclass(frozen=True)
@@ -500,7 +81,7 @@ class BlendSession:
 
     ``engine_kwargs`` go to ``vllm.LLM`` (e.g. ``max_model_len=16384, gpu_memory_utilization=0.8,
     load_format="dummy", enforce_eager=True``) on top of the blending settings of
-    :data:`BLENDING_ENGINE_KWARGS`. The constructor starts the engine (a minute or two); use the session
+    :func:`kvdemo.engines.lmcache_engine_kwargs`. The constructor starts the engine (a minute or two); use the session
     as a context manager, or call :meth:`close`, so the engine-core process ends with it.
 
     The process environment gets :func:`engine_env` while the session is open (restored by close()):
@@ -537,8 +118,8 @@ class BlendSession:
         self._saved_env: dict[str, str | None] = {}
         if check_gpu:
             require_gpu()
-        check_runtime_importable()
-        check_plugin_installed()
+        preflight.check_runtime_importable()
+        preflight.check_plugin_installed()
         self._start()
 
     # -- life cycle ---------------------------------------------------------------------------------
@@ -558,7 +139,7 @@ class BlendSession:
             if unknown:
                 flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
                 raise UserFacingError(f"Unknown vLLM engine argument(s) {flags}: not fields of vLLM "
-                                      f"{package_version('vllm') or ''} EngineArgs; check --engine-args.")
+                                      f"{preflight.package_version('vllm') or ''} EngineArgs; check --engine-args.")
             if isinstance(kwargs.get("kv_transfer_config"), Mapping):
                 kwargs["kv_transfer_config"] = KVTransferConfig(**kwargs["kv_transfer_config"])
             model = kwargs.pop("model")
@@ -753,292 +334,3 @@ def _destroy_lmcache_here() -> None:
         LMCacheEngineBuilder.destroy(ENGINE_NAME)
     except Exception as exc:  # noqa: BLE001 - best effort at shutdown
         log.warning("LMCache engine destroy: %s: %s", type(exc).__name__, exc)
-
-
-# --------------------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------------------
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from exc
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=f"python -m {PROG}",
-        description="LMCache KV blending without a server: precompute each chunk's KV, then answer a "
-                    "question over system prompt + chunks + question; prints the answer, the TTFT of a "
-                    "full-prefill baseline and of the blended run, and the speedup.",
-    )
-    p.add_argument("--model", default=DEFAULT_MODEL, help="Hub model id or local model directory")
-    p.add_argument("--chunks", nargs="+", type=Path, required=True, metavar="FILE",
-                   help="chunk text files, in prompt order (each tokenized on its own and cached separately)")
-    p.add_argument("--sys-prompt-file", type=Path, default=DEFAULT_SYS_PROMPT_FILE,
-                   help="system prompt file (default: data/sys_prompt.txt)")
-    p.add_argument("--question", required=True, help="the question asked after the chunks")
-    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
-                   help="LMCache yaml (default: lmcache_configs/offline.yaml)")
-    p.add_argument("--max-tokens", type=_positive_int, default=DEFAULT_MAX_TOKENS, help="answer length limit")
-    p.add_argument("--max-model-len", type=_positive_int, default=None,
-                   help="vLLM max_model_len (default: the model's own context length)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=None,
-                   help="fraction of GPU memory vLLM may use (default: vLLM's)")
-    p.add_argument("--engine-args", default="",
-                   help='extra vLLM engine flags, as for the app, e.g. "--load-format dummy '
-                        '--enforce-eager": --name value -> name=value (JSON-decoded when it parses), '
-                        "--name -> True, --no-name -> False")
-    p.add_argument("--repeats", type=_positive_int, default=DEFAULT_REPEATS,
-                   help="runs of each of baseline and blended (the median is reported)")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout (logs go to stderr)")
-    p.add_argument("--output", type=Path, default=None, help="also write the JSON result to this file")
-    p.add_argument("--dry-run", action="store_true",
-                   help="check inputs, print the prompt layout, engine arguments and environment; "
-                        "start nothing")
-    return p
-
-
-@dataclass
-class Plan:
-    """Everything checked and computed before vLLM is imported."""
-
-    model: str
-    config_path: Path
-    lmcache_config: dict
-    extra_kwargs: dict[str, Any]
-    kwargs: dict[str, Any]
-    env: dict[str, str]
-    sys_prompt: str
-    chunks: list[Chunk]
-    question: str
-    prompts: ChunkPrompts
-    blend: BlendPrompts
-    context_limit: int | None
-    limit_source: str
-    gpus: list[preflight.Gpu] = field(default_factory=list)
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "model": self.model, "lmcache_config_file": str(self.config_path),
-            "lmcache_config": self.lmcache_config, "engine_kwargs": self.kwargs, "env": self.env,
-            "chunks": self.blend.chunk_names,
-            "prompt_tokens": self.blend.breakdown(),
-            "precompute_requests": [len(r) for r in self.blend.precompute],
-            "context_limit": self.context_limit, "context_limit_source": self.limit_source,
-            "plugin": plugin_problem() or f"{PLUGIN_NAME} -> {PLUGIN_TARGET} installed",
-            "gpus": [g.name for g in self.gpus],
-        }
-
-
-def prepare(args: argparse.Namespace, *, check_gpu: bool = True) -> Plan:
-    """Validate every input and build the prompts — all before vLLM is imported, so errors come fast.
-
-    Order: arguments and files (cheap, the user's own), GPU, plugin install, model and tokenizer (may
-    download), prompt length.
-    """
-    if args.gpu_memory_utilization is not None and not 0.05 <= args.gpu_memory_utilization <= 0.98:
-        raise UserFacingError("--gpu-memory-utilization must be between 0.05 and 0.98.")
-    if not args.question.strip():
-        raise UserFacingError("--question is empty: ask something.")
-    config = preflight.check_lmcache_config(args.config)
-    flags: dict[str, Any] = {}
-    if args.max_model_len is not None:
-        flags["max_model_len"] = args.max_model_len
-    if args.gpu_memory_utilization is not None:
-        flags["gpu_memory_utilization"] = args.gpu_memory_utilization
-    extra = parse_engine_args(args.engine_args)
-    both = sorted(set(flags) & set(extra))
-    if both:
-        flag = "--" + both[0].replace("_", "-")
-        raise UserFacingError(f"{flag} is given both as a flag and in --engine-args: keep one.")
-    extra = {**flags, **extra}
-    kwargs = build_engine_kwargs(args.model, extra)
-    sys_prompt = read_sys_prompt(args.sys_prompt_file)
-    chunks = [load_chunk_file(path) for path in args.chunks]
-    gpus = require_gpu() if check_gpu else []
-    if check_gpu:
-        check_plugin_installed()
-    settings = Settings(model=args.model, hf_token=os.environ.get("HF_TOKEN") or None)
-    preflight.check_model(settings)
-    tokenizer = load_tokenizer(settings.tokenizer_source, token=settings.hf_token)
-    prompts = ChunkPrompts(tokenizer, sys_prompt, LmcacheConfig.from_mapping(config).separator)
-    blend = prompts.build(chunks, args.question)
-    if "max_model_len" in kwargs:
-        limit, source = int(kwargs["max_model_len"]), "--max-model-len"
-    else:
-        limit, source = model_context_limit(args.model), "the model's config.json"
-    check_fits(blend, args.max_tokens, limit, source)
-    return Plan(model=args.model, config_path=args.config, lmcache_config=config, extra_kwargs=extra,
-                kwargs=kwargs, env=engine_env(args.config, args.model), sys_prompt=sys_prompt, chunks=chunks,
-                question=args.question, prompts=prompts, blend=blend, context_limit=limit,
-                limit_source=source, gpus=gpus)
-
-
-def measure(session: BlendSession, plan: Plan, repeats: int) -> dict[str, Any]:
-    """Warm-up, baseline (nothing cached), precompute, blended; every question run with skip_save."""
-    warm_up_s = session.warm_up()
-    baseline = [session.generate(plan.sys_prompt, plan.chunks, plan.question) for _ in range(repeats)]
-    pre = session.precompute(plan.chunks, plan.sys_prompt)
-    blended = [session.generate(plan.sys_prompt, plan.chunks, plan.question) for _ in range(repeats)]
-    base_ttft = statistics.median(r.ttft_s for r in baseline)
-    blend_ttft = statistics.median(r.ttft_s for r in blended)
-    sources = sorted({r.ttft_source for r in baseline + blended})
-    return {
-        "baseline_ttft_s": base_ttft, "blended_ttft_s": blend_ttft,
-        "speedup": base_ttft / blend_ttft if blend_ttft > 0 else None,
-        "ttft_source": sources[0] if len(sources) == 1 else sources,
-        "baseline_ttft_runs_s": [r.ttft_s for r in baseline],
-        "blended_ttft_runs_s": [r.ttft_s for r in blended],
-        "answer": blended[-1].text, "answer_tokens": blended[-1].output_tokens,
-        "finish_reason": blended[-1].finish_reason, "baseline_answer": baseline[-1].text,
-        "precompute": dataclasses.asdict(pre), "warm_up_s": warm_up_s, "startup_s": session.startup_s,
-        "engine_max_model_len": session.max_model_len,
-    }
-
-
-def result_record(plan: Plan, args: argparse.Namespace, measured: dict[str, Any]) -> dict[str, Any]:
-    dummy = plan.kwargs.get("load_format") == "dummy"
-    record: dict[str, Any] = {
-        "tool": PROG, "model": plan.model, "weights": "dummy" if dummy else "real",
-        "device": plan.gpus[0].name if plan.gpus else None,  # the key benchmarks/results/*.json share
-        "versions": {name: package_version(name) for name in ("vllm", "lmcache", "torch", "transformers")},
-        "lmcache_config_file": str(plan.config_path), "lmcache_config": plan.lmcache_config,
-        "engine_kwargs": plan.kwargs, "chunks": [str(p) for p in args.chunks], "question": plan.question,
-        "prompt_tokens": plan.blend.breakdown(), "max_tokens": args.max_tokens, "repeats": args.repeats,
-        **measured,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    if dummy:
-        record["note"] = "dummy weights: the answers are noise; the timings are real"
-    return record
-
-
-def print_report(record: dict[str, Any], out: TextIO) -> None:
-    p = record["prompt_tokens"]
-    print(f"{PROG}: {record['model']} ({record['weights']} weights), {len(p['chunks'])} chunk(s), "
-          f"prompt {p['total']} tokens (system {p['system']}, chunks {sum(p['chunks'])}, "
-          f"question {p['question']})", file=out)
-    print(f"\nAnswer (blended):\n{record['answer']}\n", file=out)
-    runs = ", ".join(f"{t:.3f}" for t in record["baseline_ttft_runs_s"])
-    print(f"TTFT full prefill (baseline): {record['baseline_ttft_s']:.3f} s   (runs: {runs})", file=out)
-    runs = ", ".join(f"{t:.3f}" for t in record["blended_ttft_runs_s"])
-    print(f"TTFT blended:                 {record['blended_ttft_s']:.3f} s   (runs: {runs})", file=out)
-    speedup = record["speedup"]
-    print(f"Speedup: {speedup:.2f}x" if speedup else "Speedup: n/a", file=out)
-    pre = record["precompute"]
-    print(f"Precompute: {pre['requests']} requests, {pre['tokens']} tokens, {pre['seconds']:.2f} s", file=out)
-    print(f"TTFT source: {record['ttft_source']}", file=out)
-    if record.get("note"):
-        print(f"Note: {record['note']}", file=out)
-
-
-def print_plan(plan: Plan, as_json: bool, out: TextIO) -> None:
-    info = plan.describe()
-    if as_json:
-        print(json.dumps({"tool": PROG, "dry_run": True, **info}, indent=2), file=out)
-        return
-    print(f"# {PROG} --dry-run: nothing is started.", file=out)
-    print(f"model: {plan.model}\nLMCache config: {plan.config_path}", file=out)
-    print(f"prompt: {plan.blend.describe()}", file=out)
-    print(f"precompute requests (tokens): {info['precompute_requests']}", file=out)
-    limit = (f"{plan.context_limit} ({plan.limit_source})" if plan.context_limit
-             else "unknown until the engine starts")
-    print(f"context limit: {limit}", file=out)
-    print("env: " + " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(plan.env.items())), file=out)
-    print(f"vllm.LLM kwargs: {json.dumps(plan.kwargs)}", file=out)
-    print(f"plugin: {info['plugin']}", file=out)
-
-
-@contextlib.contextmanager
-def _stdout_into_stderr(enabled: bool) -> Iterator[None]:
-    """Point file descriptor 1 at stderr while the engine runs, so --json keeps stdout for the JSON.
-
-    vLLM logs to stdout, and its engine-core process inherits descriptor 1; redirecting the descriptor
-    (not just sys.stdout) catches both.
-    """
-    if not enabled:
-        yield
-        return
-    try:
-        saved = os.dup(1)
-    except OSError:
-        yield
-        return
-    sys.stdout.flush()
-    os.dup2(2, 1)
-    try:
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
-def write_output(record: dict[str, Any], path: Path) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record, indent=2) + "\n")
-    except OSError as exc:
-        raise UserFacingError(f"Cannot write --output {path}: {exc.strerror}.") from exc
-    log.info("wrote %s", path)
-
-
-def run(args: argparse.Namespace) -> int:
-    plan = prepare(args, check_gpu=not args.dry_run)
-    if args.dry_run:
-        print_plan(plan, args.json, sys.stdout)
-        return 0
-    session: BlendSession | None = None
-    with _stdout_into_stderr(args.json):
-        try:
-            session = BlendSession(plan.model, plan.config_path, prompts=plan.prompts,
-                                   max_tokens=args.max_tokens, check_gpu=False, **plan.extra_kwargs)
-            measured = measure(session, plan, args.repeats)
-        finally:
-            if session is not None:
-                session.close()
-    record = result_record(plan, args, measured)
-    if args.output is not None:
-        write_output(record, args.output)
-    if args.json:
-        print(json.dumps(record, indent=2), flush=True)
-    else:
-        print_report(record, sys.stdout)
-    return 0
-
-
-def _raise_exit(signum: int, _frame: Any) -> None:
-    raise SystemExit(128 + signum)  # SIGTERM unwinds through close() like Ctrl-C
-
-
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry: 0 on success, 2 with one ``kvdemo.offline: <message>`` line for problems a user can fix."""
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we tokenize before vLLM forks its engine
-    try:
-        previous = signal.signal(signal.SIGTERM, _raise_exit)
-    except ValueError:  # not the main thread
-        previous = None
-    try:
-        args = build_parser().parse_args(argv)
-        return run(args)
-    except UserFacingError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr, flush=True)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted (any engine started was shut down).", file=sys.stderr, flush=True)
-        return 130
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
