@@ -7,6 +7,7 @@ user waits for. Decode speed is (tokens after the first) / (time after the first
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ class RequestStats:
     completion_tokens: int
     prompt_tokens: int
     cached_tokens: int | None = None  # prompt tokens the engine reported as reused (if it reports them)
+    request_id: str | None = None  # the X-Request-Id it was sent with: finds its LMCache record (kvdemo.telemetry)
 
     @property
     def decode_tok_s(self) -> float | None:
@@ -64,7 +66,8 @@ class EngineClient:
         return self._model
 
     async def stream(self, prompt_ids: list[int], max_tokens: int, temperature: float = 0.0,
-                     skip_save: bool = False, ignore_eos: bool = False) -> AsyncIterator[StreamEvent]:
+                     skip_save: bool = False, ignore_eos: bool = False,
+                     request_id: str | None = None) -> AsyncIterator[StreamEvent]:
         # The token ids travel in extra_body: openai's request-param transform walks every element of
         # `prompt` in Python (~200 ms for 16K ids on a 2-core CPU, added to every TTFT); extra_body is merged
         # into the JSON untouched. The server sees the same `prompt: [ids]` either way.
@@ -73,6 +76,7 @@ class EngineClient:
             extra["kv_transfer_params"] = {"lmcache.skip_save": True}
         if ignore_eos:
             extra["ignore_eos"] = True
+        request_id = request_id or f"kvdemo-{uuid.uuid4().hex}"
         model = await self.model()
         start = time.perf_counter()
         first: float | None = None
@@ -81,7 +85,7 @@ class EngineClient:
         prompt_tokens = len(prompt_ids)
         stream = await self._call(self._client.completions.create(
             model=model, prompt=[], max_tokens=max_tokens, temperature=temperature, stream=True,
-            stream_options={"include_usage": True}, extra_body=extra))
+            stream_options={"include_usage": True}, extra_body=extra, extra_headers={"X-Request-Id": request_id}))
         # The finally closes the HTTP stream however this generator ends: vLLM aborts a request whose stream
         # is closed, so a consumer that stops early (the page's Stop button) stops the engine's work too.
         try:
@@ -106,7 +110,8 @@ class EngineClient:
             await stream.close()
         end = time.perf_counter()
         yield Finished(RequestStats(ttft_s=(first or end) - start, total_s=end - start,
-                                    completion_tokens=n_tokens, prompt_tokens=prompt_tokens, cached_tokens=cached))
+                                    completion_tokens=n_tokens, prompt_tokens=prompt_tokens, cached_tokens=cached,
+                                    request_id=request_id))
 
     async def complete(self, prompt_ids: list[int], max_tokens: int = 1, **kw) -> tuple[str, RequestStats]:
         """Whole answer and its stats (precompute, benchmarks, headless mode)."""

@@ -34,6 +34,7 @@ LMCACHE_KV_TRANSFER = {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both
 BASE_ENGINE_ENV = {"VLLM_USE_FLASHINFER_SAMPLER": "0", "PYTHONHASHSEED": "0", "VLLM_NO_USAGE_STATS": "1"}
 # Switches on kvdemo.vllm_plugin (its ENV_ENABLE) in LMCache engines only: the plain engine stays stock vLLM.
 PLUGIN_ENV = "KVDEMO_LMCACHE_PLUGIN"
+TELEMETRY_ENV = "KVDEMO_TELEMETRY_DIR"  # read by kvdemo.lmcache_patches.telemetry and kvdemo.simulate
 
 
 # The LMCache engine's settings, defined once for both ways of running it: `vllm serve` flags (the app,
@@ -187,6 +188,9 @@ class EngineProcess:
     def __init__(self, spec: EngineSpec, log_dir: Path, watchdog: Watchdog | None = None) -> None:
         self.spec = spec
         self.log_path = log_dir / f"{spec.key}.log"
+        # LMCache engines (real: the plugin, simulated: the simulator) write one JSON line per request they
+        # load KV for here; the app reads each answer's line (kvdemo.telemetry).
+        self.telemetry_dir: Path | None = log_dir / "telemetry" / spec.key if spec.lmcache else None
         self.proc: subprocess.Popen | None = None
         self._watchdog = watchdog
 
@@ -200,6 +204,8 @@ class EngineProcess:
         logf.write(f"\n=== kvdemo starting {self.spec.key}: {shlex.join(self.spec.argv())}\n".encode())
         logf.flush()
         env = {**os.environ, **self.spec.env(), "PYTHONUNBUFFERED": "1"}
+        if self.telemetry_dir is not None:
+            env[TELEMETRY_ENV] = str(self.telemetry_dir)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
                                                           os.environ.get("PYTHONPATH")]))
         self.proc = subprocess.Popen(self.spec.argv(), stdout=logf, stderr=subprocess.STDOUT,

@@ -126,6 +126,42 @@ def check_model(settings: Settings) -> None:
             from exc
 
 
+def model_architectures(settings: Settings) -> list[str] | None:
+    """``architectures`` from the model's config.json (local dir, or the Hub's file); None when unknown."""
+    if settings.is_local_model:
+        path = Path(settings.model).expanduser() / "config.json"
+    else:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(settings.model, "config.json", token=settings.hf_token))
+        except Exception:
+            log.debug("config.json of %s not readable", settings.model, exc_info=True)
+            return None
+    try:
+        found = json.loads(path.read_text()).get("architectures")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return [str(a) for a in found] if isinstance(found, list) else None
+
+
+def check_blending_architecture(settings: Settings) -> None:
+    """Blending works only for the model classes LMCache 0.5.3 maps (+ Mistral through kvdemo's plugin).
+
+    WHY: otherwise the 🚀 engine starts, loads the model, and dies with a NotImplementedError in its log when
+    LMCache builds its blender, minutes later; here it is one line before any engine starts.
+    """
+    from .lmcache_patches.model import LLAMA_LIKE_CLASS_NAMES, LMCACHE_ARCHITECTURES, SUPPORTED_ARCHITECTURES
+
+    found = model_architectures(settings)
+    if not found or any(a in SUPPORTED_ARCHITECTURES for a in found):
+        return
+    raise UserFacingError(
+        f"{settings.model} is a {', '.join(found)}: LMCache 0.5.3 blends only {', '.join(LMCACHE_ARCHITECTURES)} "
+        f"(and {', '.join(LLAMA_LIKE_CLASS_NAMES)} through kvdemo's plugin). Pick such a model with --model, or "
+        "use --scenario share (no blending).")
+
+
 def check_lmcache_config(path: Path) -> dict:
     """The LMCache yaml parses and is a mapping; returns it."""
     import yaml

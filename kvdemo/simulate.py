@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import time
 from array import array
@@ -28,9 +29,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from starlette.requests import Request  # resolved by FastAPI from this module's globals (string annotations)
+
 BLOCK = 16  # vLLM's prefix-cache block size
+SIM_KV_BYTES_PER_TOKEN = 32 * 2 * 8 * 128 * 2  # Mistral-7B's shape in bf16 (128 KiB), for SIMULATED bytes
 WORDS = ["simulated", "lmcache", "kv", "cache", "token", "chunk", "blend", "prefix", "reuse", "engine", "answer", "python", "reference", "section", "model", "latency", "decode", "prefill", "layer", "attention", "store", "load"]
 log = logging.getLogger("kvdemo.simulate")
+TELEMETRY_ENV = "KVDEMO_TELEMETRY_DIR"  # set by kvdemo.engines.EngineProcess for LMCache engines
 
 
 @dataclass
@@ -180,6 +185,26 @@ class SimulatedEngine:
         log.info("LMCache hit tokens: %d, need to load: %d (SIMULATED)", reused, reused)
         return seconds, reused
 
+    def record_load(self, request_id: str, prompt_tokens: int, reused: int) -> None:
+        """Write the per-request line a real LMCache engine's plugin writes (kvdemo.telemetry reads it)."""
+        directory = os.environ.get(TELEMETRY_ENV)
+        if not directory:
+            return
+        from .lmcache_patches.telemetry import write_record
+
+        c = self.costs
+        blended = self.blending
+        per_token = (c.recompute_ratio * c.prefill_s_per_token + c.load_s_per_token) if blended else (
+            c.shared_load_s_per_token if self.store.shared else c.load_s_per_token)
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        write_record(Path(directory), {
+            "req_id": f"cmpl-{request_id}-0-sim", "simulated": True, "path": "blend" if blended else "retrieve",
+            "prompt_tokens": prompt_tokens, "lmcache_hit_tokens": reused, "vllm_prefix_tokens": 0,
+            "loaded_tokens": reused, "kv_bytes_loaded": reused * SIM_KV_BYTES_PER_TOKEN,
+            "recomputed_tokens": max(1, int(reused * c.recompute_ratio)) if blended else None,
+            "blend_tokens": reused if blended else None, "load_gpu_ms": round(reused * per_token * 1e3, 3),
+            "load_host_ms": None, "requests_in_step": 1, "time": time.time()})
+
     def _prefix_chunk_prefill(self, ids: list[int], save: bool) -> tuple[float, int]:
         """LMCache without blending: reuse of the longest stored prefix of chunk_size-token chunks."""
         c = self.costs
@@ -220,7 +245,7 @@ def build_app(engine: SimulatedEngine, model_name: str):
                                             "max_model_len": engine.max_model_len}]}
 
     @app.post("/v1/completions")
-    async def completions(body: dict):
+    async def completions(body: dict, request: Request):
         prompt = body.get("prompt")
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], list):
             prompt = prompt[0]
@@ -240,6 +265,8 @@ def build_app(engine: SimulatedEngine, model_name: str):
         words = _answer_words(prompt, max_tokens, body.get("ignore_eos", False))
         created = int(time.time())
         rid = f"cmpl-sim-{_hash(prompt)[:8]}-{created}"
+        if reused and engine.mode == "lmcache":
+            engine.record_load(request.headers.get("x-request-id") or rid, len(prompt), reused)
 
         def chunk(text: str, finish: str | None = None, usage: dict | None = None) -> dict:
             choices = [] if usage else [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]

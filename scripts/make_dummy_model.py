@@ -7,7 +7,10 @@ With `--tokenizer-only`, write only the tokenizer files (tokenizer.json, tokeniz
 special_tokens_map.json), e.g. for kvdemo/assets/sim_tokenizer, which the simulated engines and the
 CPU tests load with `transformers.AutoTokenizer.from_pretrained(path)`.
 
-Usage: python3 make_dummy_model.py OUT_DIR [--arch mistral|llama] [--vocab 8000] [--tokenizer-only]
+With `--arch qwen2` / `--arch qwen3` the shape is Qwen2.5-0.5B-Instruct's / Qwen3-0.6B's config.json (the
+blending check of the architectures LMCache maps itself); the vocabulary is always this tokenizer's.
+
+Usage: python3 make_dummy_model.py OUT_DIR [--arch mistral|llama|qwen2|qwen3] [--vocab 8000] [--tokenizer-only]
 """
 
 import argparse
@@ -32,6 +35,21 @@ SHAPE: dict[str, Any] = {  # Mistral-7B-Instruct-v0.2
     "bos_token_id": 1, "eos_token_id": 2, "attention_dropout": 0.0, "initializer_range": 0.02,
     "use_cache": True,
 }
+# Real configs' shapes (Hugging Face config.json of Qwen/Qwen2.5-0.5B-Instruct and Qwen/Qwen3-0.6B), minus
+# vocabulary and special token ids, which follow the tokenizer trained here.
+QWEN_SHAPES: dict[str, dict[str, Any]] = {
+    "qwen2": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 896,
+              "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
+              "num_key_value_heads": 2, "max_position_embeddings": 32768, "max_window_layers": 21,
+              "sliding_window": 32768, "use_sliding_window": False, "tie_word_embeddings": True,
+              "rope_theta": 1000000.0, "rms_norm_eps": 1e-6},
+    "qwen3": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 1024,
+              "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16,
+              "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 40960,
+              "max_window_layers": 28, "sliding_window": None, "use_sliding_window": False,
+              "tie_word_embeddings": True, "attention_bias": False, "rope_scaling": None,
+              "rope_theta": 1000000, "rms_norm_eps": 1e-6},
+}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -51,7 +69,7 @@ def train_tokenizer(vocab: int) -> Tokenizer:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
-    ap.add_argument("--arch", choices=["mistral", "llama"], default="mistral")
+    ap.add_argument("--arch", choices=["mistral", "llama", *QWEN_SHAPES], default="mistral")
     ap.add_argument("--vocab", type=int, default=8000)
     ap.add_argument("--tokenizer-only", action="store_true",
                     help="write only " + ", ".join(TOKENIZER_FILES))
@@ -63,6 +81,9 @@ def main() -> None:
         architectures=["MistralForCausalLM" if a.arch == "mistral" else "LlamaForCausalLM"])
     if a.arch == "llama":
         cfg.update(rope_scaling=None, attention_bias=False, mlp_bias=False)
+    if a.arch in QWEN_SHAPES:
+        cfg = {key: value for key, value in cfg.items() if key != "head_dim"}  # Qwen2: hidden / heads
+        cfg.update(QWEN_SHAPES[a.arch], hidden_act="silu")
     files: dict[str, dict[str, Any]] = {
         "config.json": cfg,
         "tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>",

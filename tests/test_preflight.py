@@ -6,6 +6,7 @@ import importlib.metadata
 import signal
 import socket
 import subprocess
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -237,3 +238,41 @@ def test_app_refuses_real_engines_without_the_plugin(app_flags, capsys):
 def test_app_needs_no_plugin_for_simulated_or_attached_engines(app_flags, flags):
     with pytest.raises(_PastPreflight):
         Runtime(parse_settings([*app_flags, *flags])).start()
+
+
+def test_blending_refuses_an_architecture_lmcache_cannot_blend(tmp_path):
+    """One line before any engine starts, instead of a NotImplementedError in the 🚀 engine's log."""
+    import json
+
+    from kvdemo.config import parse_settings
+    from kvdemo.errors import UserFacingError
+    from kvdemo.preflight import check_blending_architecture, model_architectures
+
+    for arch in ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM"):
+        (tmp_path / "config.json").write_text(json.dumps({"architectures": [arch]}))
+        settings = parse_settings(["--model", str(tmp_path)])
+        assert model_architectures(settings) == [arch]
+        check_blending_architecture(settings)  # supported: no error
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Gemma2ForCausalLM"]}))
+    with pytest.raises(UserFacingError) as info:
+        check_blending_architecture(parse_settings(["--model", str(tmp_path)]))
+    message = str(info.value)
+    assert "\n" not in message and "Gemma2ForCausalLM" in message and "Qwen3ForCausalLM" in message
+    assert "--scenario share" in message
+    (tmp_path / "config.json").write_text("{not json")
+    check_blending_architecture(parse_settings(["--model", str(tmp_path)]))  # unknown: vLLM will say
+
+
+def test_app_refuses_an_unblendable_model_before_engines_start(app_flags, monkeypatch):
+    """The blend scenario stops at the architecture check; the share scenario (no blending) goes past it."""
+    import json
+
+    monkeypatch.setattr(preflight, "check_plugin_installed", lambda: None)
+    monkeypatch.setattr(runtime_module, "check_plugin_installed", lambda: None)
+    model = app_flags[app_flags.index("--model") + 1]
+    (Path(model) / "config.json").write_text(json.dumps({"architectures": ["GPTNeoXForCausalLM"]}))
+    with pytest.raises(UserFacingError, match="GPTNeoXForCausalLM.*blends only"):
+        Runtime(parse_settings(app_flags)).start()
+    monkeypatch.setattr(preflight, "detect_gpus", lambda: [Gpu(i, "NVIDIA H100 80GB HBM3", 81559) for i in range(4)])
+    with pytest.raises(_PastPreflight):
+        Runtime(parse_settings([*app_flags, "--scenario", "share"])).start()

@@ -104,6 +104,11 @@ def _finish(directory: Path, records: list[dict[str, Any]], events: tuple[Any, A
     for record in records:
         record["load_gpu_ms"] = gpu_ms
         write_record(directory, record)
+        logger.info("kvdemo telemetry: [req_id=%s] prompt %d, LMCache hit %d, vLLM prefix %d, loaded %d (%s bytes), "
+                    "recomputed %s of %s, load host %.1f ms, GPU %s ms", record["req_id"], record["prompt_tokens"],
+                    record["lmcache_hit_tokens"], record["vllm_prefix_tokens"], record["loaded_tokens"],
+                    record["kv_bytes_loaded"], record["recomputed_tokens"], record["blend_tokens"],
+                    record["load_host_ms"], gpu_ms)
 
 
 def patch_start_load_kv(module: ModuleType, directory: Path) -> None:
