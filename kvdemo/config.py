@@ -56,6 +56,7 @@ class Settings:
     kv_store_dir: Path = Path(tempfile.gettempdir()) / "kvdemo-kv-store"  # share scenario: shared directory
     kv_store: str | None = None  # share scenario: redis://host:port instead of the directory
     clear_kv_store: bool = False
+    upload_budget_gib: float | None = None  # None: CPU cache − shipped chunks − margin (upload_budget.py)
 
     @property
     def lmcache_config_path(self) -> Path:
@@ -180,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-store", default=_env("kv_store"),
                    help="share scenario: redis://host:port to share KV through a Redis server instead")
     p.add_argument("--clear-kv-store", action="store_true", help="share scenario: empty the KV store at start")
+    p.add_argument("--upload-budget-gib", type=float, default=_env("upload_budget_gib"),
+                   help="GiB of 🚀's LMCache CPU cache that visitors' uploads may take together, oldest evicted "
+                   "first (default: max_local_cpu_size minus the shipped chunks' KV minus a margin)")
     p.add_argument("--sim-speed", type=float, default=_env("sim_speed", "1"),
                    help=argparse.SUPPRESS)
     return p
@@ -208,6 +212,7 @@ def settings_from_args(a: argparse.Namespace) -> Settings:
         fairness=a.fairness, health_timeout_s=a.health_timeout, no_ui=a.no_ui, ask=a.ask,
         hf_token=os.environ.get("HF_TOKEN") or None, sim_speed=a.sim_speed,
         kv_store_dir=a.kv_store_dir, kv_store=a.kv_store, clear_kv_store=a.clear_kv_store,
+        upload_budget_gib=a.upload_budget_gib,
     )
     validate(s)
     return s
@@ -230,6 +235,8 @@ def validate(s: Settings) -> None:
     if len(s.engine_ports) < n_engines:
         raise UserFacingError(f"--engine-ports needs {n_engines} ports for the {s.scenario} scenario "
                               "(LMCache engines first).")
+    if s.upload_budget_gib is not None and s.upload_budget_gib < 0:
+        raise UserFacingError("--upload-budget-gib must be 0 (no uploads) or more.")
     if s.sim_speed <= 0:
         raise UserFacingError("--sim-speed must be positive.")
     if s.no_ui and not s.ask and not s.dry_run:

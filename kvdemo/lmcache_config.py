@@ -24,6 +24,7 @@ class LmcacheConfig:
     chunk_size: int = 256
     recompute_ratio: float = 0.15  # blend_recompute_ratios[0]
     remote_url: str | None = None
+    cpu_cache_gib: float = 5.0  # max_local_cpu_size: the CPU cache uploads share with the shipped chunks
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any]) -> LmcacheConfig:
@@ -31,7 +32,8 @@ class LmcacheConfig:
         return cls(separator=str(data.get("blend_special_str", DEFAULT_SEPARATOR)),
                    blending=bool(data.get("enable_blending", False)),
                    chunk_size=int(data.get("chunk_size", cls.chunk_size)),
-                   recompute_ratio=float(ratios[0]), remote_url=data.get("remote_url"))
+                   recompute_ratio=float(ratios[0]), remote_url=data.get("remote_url"),
+                   cpu_cache_gib=float(data.get("max_local_cpu_size", cls.cpu_cache_gib)))
 
     @classmethod
     def load(cls, path: Path) -> LmcacheConfig:

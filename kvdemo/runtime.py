@@ -25,6 +25,7 @@ from .precompute import PrecomputeProgress, PrecomputeRequest, precompute
 from .preflight import check_model, check_plugin_installed, check_port_free, choose_gpus, detect_gpus
 from .prompts import ChunkLibrary, PromptBuilder, load_tokenizer
 from .scenarios import blend, share
+from .upload_budget import UploadLedger
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class Runtime:
         self._lock = threading.Lock()
         self._restarting: set[str] = set()
         self._precompute_thread: threading.Thread | None = None
+        self._upload_ledger: UploadLedger | None = None
 
     # ----- start-up -------------------------------------------------------------------------------
     @property
@@ -244,6 +246,16 @@ class Runtime:
         with self._lock:
             self._cached_sys_prompts.add(ids)
         return stats.total_s
+
+    @property
+    def upload_ledger(self) -> UploadLedger:
+        """Every session's uploaded chunks and their KV, kept within the upload budget (upload_budget.py):
+        one per runtime, as all sessions share the 🚀 engine's LMCache CPU cache. Built on first use (it needs
+        the tokenizer and the model's KV size)."""
+        with self._lock:
+            if self._upload_ledger is None:
+                self._upload_ledger = UploadLedger.for_runtime(self)
+            return self._upload_ledger
 
     async def precompute_segments(self, requests: list[list[int]]):
         """Store each `[BOS] + SEP + chunk` request's KV on the 🚀 engine (uploaded chunks; skip_save False),

@@ -427,3 +427,52 @@ def test_bring_your_own_text(page, browser, app, builder, library, tmp_path):
                    "no uploaded chunk to be offered to another session")
     finally:
         other.close()
+
+
+def test_upload_a_pdf_then_pick_and_ask(page, app, builder, library, tmp_path):
+    from pdfs import write_pdf
+
+    from kvdemo import uploads as byo
+
+    page.locator("#byo").get_by_text("Bring your own text").click()
+    info = page.locator("#byo-info").inner_text()
+    assert ".pdf" in info and "upload budget" in info and "oldest are evicted first" in info
+    assert page.locator("#byo-file input[type=file]").get_attribute("accept").split(",")[-1].strip() == ".pdf"
+
+    # A damaged PDF: its one-line message.
+    whole = write_pdf(tmp_path / "whole.pdf", ["Some text."])
+    broken = tmp_path / "broken.pdf"
+    broken.write_bytes(whole.read_bytes()[:400])
+    page.locator("#byo-file input[type=file]").set_input_files(str(broken))
+    page.locator("#byo-status").get_by_text("broken.pdf could not be read as a PDF").wait_for()
+
+    # A real three-page PDF: its text layer, split, precomputed on 🚀, offered in the picker.
+    pages = [f"Chapter {p}\n" + " ".join(f"The heron number {p} nests at pier {p * 7 + j}." for j in range(110))
+             for p in range(3)]
+    pdf = write_pdf(tmp_path / "hp.pdf", pages)  # a short name: `pick` types 14 characters of "upload: hp (k/n)"
+    stem, text = byo.read_upload(pdf)
+    expected = byo.make_chunks(builder, byo.Uploads(), stem, text)
+    n = len(expected)
+    assert n >= 2
+    wait_until(lambda: page.locator("#byo-file input[type=file]").count() == 1, 15, "the file input to be ready")
+    page.locator("#byo-file input[type=file]").set_input_files(str(pdf))
+    page.locator("#byo-status").get_by_text(f"Added {n} chunks from hp").wait_for(timeout=60_000)
+
+    while page.locator("#chunks .token-remove").count():
+        page.locator("#chunks .token-remove").first.click()
+    wait_for_order(page, ["(no chunks: question only)"])
+    uploaded = expected[-1].name
+    shipped = next(iter(library.chunks))
+    pick(page, "#chunks", library.titles()[shipped], multiselect=True)
+    pick(page, "#chunks", uploaded, multiselect=True)
+    wait_for_order(page, [library.titles()[shipped], uploaded])
+
+    question = "Where does heron number 2 nest?"
+    answers = page.locator("#chat-lmcache").inner_text().count("TTFT")
+    ask_and_wait(page, question, answers)
+    ids = {c.name: c.ids for c in expected}
+    n_prompt = len(builder.build([shipped, uploaded], question, None, ids))
+    lm_reused, lm_prompt = reused(page, "lmcache")
+    _, plain_prompt = reused(page, "plain")
+    assert lm_prompt == plain_prompt == n_prompt
+    assert lm_reused > 0.8 * n_prompt, (lm_reused, n_prompt)  # the PDF's chunk was precomputed too

@@ -182,11 +182,14 @@ def build_ui(runtime: Runtime) -> gr.Blocks:
             busy = "⚠️ Still answering the previous question: ask again when it is done (or Clear chat)."
             return state, busy, *_chats(state), gr.update()
         try:
+            evicted = byo.check_evicted(runtime, up, names)  # uploads evicted by the engine-wide upload budget
             turn = validate_turn(runtime, question, names, sys_prompt, temperature, max_tokens, engines,
                                  up.ids() if up else None)
         except UserFacingError as exc:
             return state, f"⚠️ {exc}", *_chats(state), gr.update()
         notes = [turn.note] if turn.note else []
+        if evicted:
+            notes.append(f"⚠️ {evicted}.")
         if not runtime.progress.finished:
             notes.append(f"Precompute still running ({runtime.progress.line()}): 🚀 may not reuse every chunk yet.")
         for key in turn.engine_keys:
@@ -285,45 +288,37 @@ def build_ui(runtime: Runtime) -> gr.Blocks:
         again = " and its chunks precomputed again" if handles[key].spec.lmcache else ""
         return f"{label} restarted in {seconds:.1f} s{again}."
 
-    async def add_text(stem: str, text: str, up: byo.Uploads):
-        """Split one upload, precompute its chunks on 🚀, then offer them in this session's pickers.
+    async def add_text(stem: str, text: str, up: byo.Uploads, names: list[str] | None = None,
+                       target: str | None = None):
+        """Split one upload, precompute its chunks on 🚀, then offer them in this session's pickers (uploads.py
+        `add_upload`: limits, the engine-wide upload budget, evictions).
 
-        Yields (status, chunks dropdown, move dropdown, uploads state); errors leave everything else as it is.
+        Yields (status, chunks dropdown, move dropdown, uploads state); `names`/`target`: the pickers' values,
+        kept but for chunks evicted from this session. Errors leave everything else as it is.
         """
-        keep = (gr.update(), gr.update(), up)
-        try:
-            new = byo.make_chunks(builder, up, stem, text)
-        except UserFacingError as exc:
-            yield f"⚠️ {exc}", *keep
-            return
-        n = len(new)
-        yield f"⏳ {stem}: {n} chunk{'s' if n != 1 else ''}, precomputing their KV on 🚀… 0/{n}", *keep
-        try:
-            async for done in runtime.precompute_segments(byo.precompute_requests(builder, new)):
-                yield f"⏳ {stem}: precomputing on 🚀… {done}/{n}", *keep
-        except UserFacingError as exc:
-            first = str(exc).splitlines()[0]
-            yield f"⚠️ Precompute of {stem} failed, nothing added: {first}", *keep
-            return
-        up.add(new)
-        options = all_choices(up)
-        done_line = (f"✅ Added {n} chunk{'s' if n != 1 else ''} from {stem} ({sum(len(c.ids) for c in new):,} "
-                     f"tokens, precomputed); this session's uploads: {len(up.chunks)} chunks, {up.tokens:,} tokens.")
-        yield (done_line, gr.update(choices=options), gr.update(choices=options), up)
+        async for step in byo.add_upload(runtime, up, stem, text):
+            if not step.changed:
+                yield step.line, gr.update(), gr.update(), up
+                continue
+            options = all_choices(up)
+            kept = byo.kept_selection(up, names, library.chunks)
+            target = target if target in {n for _, n in options} else None
+            yield (step.line, gr.update(choices=options, value=kept), gr.update(choices=options, value=target), up)
 
-    async def add_file(path, up: byo.Uploads):
+    async def add_file(path, up: byo.Uploads, names: list[str] | None = None, target: str | None = None):
+        """The upload box: read the file (in a thread: a PDF takes a while), then as `add_text`."""
         if not path:
             return
         try:
-            stem, text = byo.read_upload(path)
+            stem, text = await asyncio.to_thread(byo.read_upload, path)
         except UserFacingError as exc:
             yield f"⚠️ {exc}", gr.update(), gr.update(), up
             return
-        async for out in add_text(stem, text, up):
+        async for out in add_text(stem, text, up, names, target):
             yield out
 
-    async def add_pasted(text: str, up: byo.Uploads):
-        async for out in add_text("pasted", text or "", up):
+    async def add_pasted(text: str, up: byo.Uploads, names: list[str] | None = None, target: str | None = None):
+        async for out in add_text("pasted", text or "", up, names, target):
             yield out
 
     def clear(state: ChatState):
@@ -360,12 +355,15 @@ def build_ui(runtime: Runtime) -> gr.Blocks:
                     reverse = gr.Button("⇅ Reverse order", elem_id="btn-reverse", size="sm")
                     shuffle = gr.Button("🔀 Shuffle", elem_id="btn-shuffle", size="sm")
                 with gr.Accordion("Bring your own text", open=False, elem_id="byo"):
-                    gr.Markdown(f"Upload a .txt or .md file, or paste text: it is split at headings and paragraphs "
+                    gr.Markdown(f"Upload a .txt, .md or .pdf file (a PDF's text layer; scans have none), or paste "
+                                f"text: it is split at headings and paragraphs "
                                 f"into chunks of up to **{byo.TARGET_TOKENS:,} tokens**, precomputed on 🚀 and "
                                 f"added to the chunk picker as “upload: …”. Only you see them. Limits: "
                                 f"{byo.MAX_FILE_BYTES // 2**20} MB a file, {byo.MAX_SESSION_TOKENS:,} tokens and "
-                                f"{byo.MAX_SESSION_CHUNKS} chunks per session.", elem_id="byo-info")
-                    upload_file = gr.File(label="Upload .txt / .md", file_types=list(byo.EXTENSIONS),
+                                f"{byo.MAX_SESSION_CHUNKS} chunks per session. All visitors' uploads share 🚀's "
+                                f"KV cache with the shipped chunks: {runtime.upload_ledger.describe()}; the "
+                                f"oldest are evicted first.", elem_id="byo-info")
+                    upload_file = gr.File(label="Upload .txt / .md / .pdf", file_types=list(byo.EXTENSIONS),
                                           file_count="single", type="filepath", elem_id="byo-file", height=110)
                     pasted = gr.Textbox(label="…or paste text", lines=4, max_lines=8, elem_id="byo-text")
                     add_btn = gr.Button("Add", size="sm", elem_id="byo-add")
@@ -414,9 +412,10 @@ def build_ui(runtime: Runtime) -> gr.Blocks:
             trigger(context_info, [chunks, sys_prompt, uploads], [info, context_view], queue=False,
                     api_visibility=PRIVATE)
         byo_outputs = [upload_status, chunks, move_target, uploads]
-        upload_file.upload(add_file, [upload_file, uploads], byo_outputs, api_visibility=PRIVATE).then(
+        byo_inputs = [uploads, chunks, move_target]  # the pickers' values: an eviction takes chunks off them
+        upload_file.upload(add_file, [upload_file, *byo_inputs], byo_outputs, api_visibility=PRIVATE).then(
             lambda: None, None, upload_file, queue=False, api_visibility=PRIVATE)  # ready for the next file
-        add_btn.click(add_pasted, [pasted, uploads], byo_outputs, api_visibility=PRIVATE)
+        add_btn.click(add_pasted, [pasted, *byo_inputs], byo_outputs, api_visibility=PRIVATE)
         up.click(lambda n, t: move(n, t, -1), [chunks, move_target], chunks, queue=False, api_visibility=PRIVATE)
         down.click(lambda n, t: move(n, t, +1), [chunks, move_target], chunks, queue=False, api_visibility=PRIVATE)
         reverse.click(lambda n: list(reversed(n or [])), chunks, chunks, queue=False, api_visibility=PRIVATE)
