@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserFacingError
+from .scenarios import NAMES as SCENARIOS
+from .scenarios import get_scenario
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = "mistralai/Mistral-7B-Instruct-v0.2"
 SIM_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "sim_tokenizer"
-SCENARIOS = ("blend", "share")
 FAIRNESS_MODES = ("auto", "sequential", "concurrent")
 # Fraction of a GPU's memory that all engines on it may take together (vLLM's own default is 0.9).
 GPU_MEMORY_BUDGET = 0.9
@@ -226,14 +227,12 @@ def validate(s: Settings) -> None:
         raise UserFacingError("--gpu-memory-utilization must be between 0.05 and 0.98.")
     if len(set(s.engine_ports)) != len(s.engine_ports) or s.port in s.engine_ports:
         raise UserFacingError("--engine-ports and --port must all be different ports.")
-    if s.scenario not in SCENARIOS:
-        raise UserFacingError(f"Unknown scenario {s.scenario!r} (KVDEMO_SCENARIO?): use one of {', '.join(SCENARIOS)}.")
+    scenario = get_scenario(s.scenario)  # an unknown name: says which ones there are
     if s.fairness not in FAIRNESS_MODES:
         raise UserFacingError(f"Unknown fairness mode {s.fairness!r} (KVDEMO_FAIRNESS?): use one of "
                               f"{', '.join(FAIRNESS_MODES)}.")
-    n_engines = 4 if s.scenario == "share" else 2
-    if len(s.engine_ports) < n_engines:
-        raise UserFacingError(f"--engine-ports needs {n_engines} ports for the {s.scenario} scenario "
+    if len(s.engine_ports) < scenario.n_engines:
+        raise UserFacingError(f"--engine-ports needs {scenario.n_engines} ports for the {s.scenario} scenario "
                               "(LMCache engines first).")
     if s.upload_budget_gib is not None and s.upload_budget_gib < 0:
         raise UserFacingError("--upload-budget-gib must be 0 (no uploads) or more.")

@@ -356,13 +356,13 @@ def _fix_equivalence(variants: list[Variant], answers: dict[str, list[Answer]], 
 
 def _evidence(runtime: Runtime, per_pattern: int = 2) -> dict[str, list[str]]:
     """Log lines that show what each 🚀 engine did (plugin fixes applied, blends, the exact mask in use)."""
-    from .bench import _engine_log_lines
+    from .bench import engine_log_lines
 
     patterns = ("kvdemo plugin: applied", "kvdemo plugin: mask", "LMCache hit tokens", "Number of indices picked",
                 "Retrieved", "WARNING kvdemo")
     out = {}
     for h in runtime.engines[1:]:
-        lines = _engine_log_lines(h)
+        lines = engine_log_lines(h)
         out[h.spec.key] = [ln for p in patterns for ln in [x for x in lines if p in x][:per_pattern]]
     return out
 

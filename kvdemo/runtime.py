@@ -24,7 +24,7 @@ from .lmcache_config import LmcacheConfig
 from .precompute import PrecomputeProgress, PrecomputeRequest, precompute
 from .preflight import check_model, check_plugin_installed, check_port_free, choose_gpus, detect_gpus
 from .prompts import ChunkLibrary, PromptBuilder, load_tokenizer
-from .scenarios import blend, share
+from .scenarios import get_scenario
 from .upload_budget import UploadLedger
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ class Runtime:
     def __init__(self, settings: Settings, specs: list[EngineSpec] | None = None) -> None:
         """``specs``: run these engines instead of the scenario's (the quality benchmark's engine set)."""
         self.settings = settings
+        self.scenario = get_scenario(settings.scenario)
         self._specs = specs
         self.library = ChunkLibrary.load(settings.data_dir)
         self.kv_store = KvStore.from_settings(settings.kv_store_dir, settings.kv_store)
@@ -76,7 +77,7 @@ class Runtime:
     # ----- start-up -------------------------------------------------------------------------------
     @property
     def n_engines(self) -> int:
-        return len(share.ENGINES) if self.settings.scenario == "share" else 2
+        return self.scenario.n_engines
 
     def plan(self) -> list[EngineSpec]:
         """Engine specs without touching the machine beyond listing GPUs (what --dry-run prints)."""
@@ -92,10 +93,7 @@ class Runtime:
         if s.attach and len(s.attach) != self.n_engines:
             raise UserFacingError(f"--attach takes {self.n_engines} URLs for the {s.scenario} scenario "
                                   "(LMCache engines first).")
-        if s.scenario != "share":
-            return blend.engine_specs(s, gpus)
-        config = self.kv_store.write_lmcache_config(s.lmcache_config_path, s.log_dir)
-        return share.engine_specs(s, gpus, config, self.kv_store.directory, self.kv_store.redis_url)
+        return self.scenario.engine_specs(s, gpus, self.kv_store)
 
     def start(self) -> None:
         """Preflight, start engines in parallel, wait for health (fail fast), load the tokenizer."""
@@ -107,7 +105,7 @@ class Runtime:
             # vLLM loads kvdemo's plugin through its entry point; without it LMCache cannot blend, and
             # that would show only as an error in the engine's log, minutes after start.
             check_plugin_installed()
-        if s.scenario == "share" and not s.attach:
+        if self.scenario.uses_kv_store and not s.attach:
             if s.clear_kv_store:
                 print(f"kvdemo: cleared {self.kv_store.clear() / 2**20:.0f} MiB from the KV store", flush=True)
             self.kv_store.prepare(min_free_gib=0.1 if s.simulate else 4.0)
@@ -195,34 +193,30 @@ class Runtime:
         return self._precompute_thread
 
     def run_precompute(self) -> PrecomputeProgress:
-        """Blend: store every chunk's KV in the LMCache engine. Share: preheat every engine instead."""
-        share_scenario = self.settings.scenario == "share"
-        if share_scenario:
-            plan = [(h, self.preheat_prompt(h), False) for h in self.engines]
-            self.progress.what = "preheat"
-        else:
-            plan = [(self.lmcache_engine, ids, False) for ids in self.precompute_prompts()]
-            plan += [(h, ids, True) for h, ids in self.warm_up_prompts()]
+        """Send the scenario's precompute plan (blend: store every chunk's KV in the LMCache engine, then warm
+        each engine up; share: preheat every engine), printing progress."""
+        plan = self.scenario.precompute_plan(self)
+        self.progress.what = plan.what
 
         def report(p: PrecomputeProgress) -> None:
             step = "warm-up" if p.done > p.total - p.warm_ups else p.what
             print(f"kvdemo: {step} {p.done}/{p.total} ({p.seconds:.2f} s)", flush=True)
 
         async def go() -> None:
-            clients = {h.spec.key: h.client() for h, _, _ in plan}
+            clients = {h.spec.key: h.client() for h, _, _ in plan.requests}
             try:
                 await precompute([PrecomputeRequest(clients[h.spec.key], ids, warm_up,
                                                     skip_save=warm_up and self.skip_save(h))
-                                  for h, ids, warm_up in plan], self.progress, report)
+                                  for h, ids, warm_up in plan.requests], self.progress, report)
             finally:
                 for c in clients.values():
                     await c.close()
 
         try:
             asyncio.run(go())
-            if not share_scenario:
+            if plan.cached_sys_prompt is not None:
                 with self._lock:
-                    self._cached_sys_prompts.add(tuple(plan[0][1]))
+                    self._cached_sys_prompts.add(plan.cached_sys_prompt)
         except UserFacingError as exc:
             self.progress.error = str(exc).splitlines()[0]
             print(f"kvdemo: {self.progress.what} failed: {exc}", flush=True)
@@ -269,7 +263,8 @@ class Runtime:
             await client.close()
 
     def restart_engine(self, key: str) -> float:
-        """Stop (if needed) and start one engine again; re-precompute if it is the LMCache engine.
+        """Stop (if needed) and start one engine again; precompute again if the scenario says the restart lost
+        what its precompute stored (blend: the LMCache engine's chunk caches).
 
         Returns seconds to healthy. Raises EngineError (with log tail) if it fails to come back.
         """
@@ -285,7 +280,7 @@ class Runtime:
             h.model_name = None
             h.process.start()
             h.startup_s = self._wait_ready(h, stop_all_on_failure=False)
-            if h.spec.lmcache and self.settings.scenario == "blend":  # its chunk caches died with it
+            if self.scenario.restart_redoes_precompute(h):
                 with self._lock:
                     self._cached_sys_prompts.clear()
                 self.progress = PrecomputeProgress()
@@ -296,9 +291,9 @@ class Runtime:
                 self._restarting.discard(key)
 
     def skip_save(self, handle: EngineHandle) -> bool:
-        """Blended questions are not worth storing (and storing is on the TTFT path); in the share
-        scenario storing is the point: engine A stores what engine B then loads."""
-        return handle.spec.lmcache and self.settings.scenario == "blend"
+        """Whether questions to this engine are sent with lmcache.skip_save: the scenario's policy (blend: yes
+        for 🚀, blended questions are not worth storing; share: no, A stores what B then loads)."""
+        return self.scenario.skip_save(handle)
 
     # ----- state for the UI -----------------------------------------------------------------------
     @property

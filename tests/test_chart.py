@@ -10,7 +10,6 @@ import pytest
 from conftest import make_runtime
 
 from kvdemo.client import RequestStats
-from kvdemo.ui.app import reuse_text, stats_markdown
 from kvdemo.ui.chart import (
     BENCHMARK_FILE,
     Benchmark,
@@ -21,6 +20,7 @@ from kvdemo.ui.chart import (
     drawn,
     load_benchmark,
 )
+from kvdemo.ui.labels import reuse_text, stats_markdown
 from kvdemo.ui.session import ChatState
 
 

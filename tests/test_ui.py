@@ -14,23 +14,26 @@ import pytest
 from conftest import LABELS, make_runtime
 
 from kvdemo.config import Settings
-from kvdemo.ui.app import agreement_markdown, build_ui, mode_markdown, sharing_warning
+from kvdemo.ui.app import build_ui, sharing_warning
 from kvdemo.ui.chart import drawn
+from kvdemo.ui.handlers import clear, context_info, prepare, stop, stream
+from kvdemo.ui.labels import agreement_markdown, mode_markdown
 from kvdemo.ui.session import ChatState
 
 
 @pytest.fixture(scope="module")
 def ui(builder, sim_engines):
+    """A runtime on the simulated engines; its page wires the handlers these tests call directly."""
     runtime = make_runtime(builder, handles=sim_engines)
-    demo = build_ui(runtime)
-    fns = {f.name: f.fn for f in demo.fns.values()}
-    return runtime, fns
+    events = {f.name for f in build_ui(runtime).fns.values()}
+    assert {"prepare", "stream", "stop", "clear", "context_info"} <= events
+    return runtime
 
 
-def ask(runtime, fns, state: ChatState, question: str, max_tokens: int = 24, temperature: float = 0.0,
+def ask(runtime, state: ChatState, question: str, max_tokens: int = 24, temperature: float = 0.0,
         engines: list[str] = LABELS):
     names = list(runtime.library.chunks)[:2]
-    return fns["prepare"](question, names, runtime.library.sys_prompt, temperature, max_tokens, engines, state)
+    return prepare(runtime, question, names, runtime.library.sys_prompt, temperature, max_tokens, engines, state)
 
 
 async def drain(agen) -> list[tuple]:
@@ -53,11 +56,11 @@ def session_rows(plot: pd.DataFrame) -> pd.DataFrame:
 
 
 def test_a_turn_streams_into_both_panes(ui):
-    runtime, fns = ui
+    runtime = ui
     state = ChatState()
-    _, notice, *_ = ask(runtime, fns, state, "What is a decorator?")
+    _, notice, *_ = ask(runtime, state, "What is a decorator?")
     assert state.pending is not None and "Precompute" in notice  # this runtime never precomputed
-    outs = asyncio.run(drain(fns["stream"](runtime.library.sys_prompt, state)))
+    outs = asyncio.run(drain(stream(runtime, runtime.library.sys_prompt, state)))
     assert len(outs) > 2  # streamed in steps
     chat_lm, chat_plain, stats_lm, stats_plain, badge, agreement, _, _ = outs[-1]
     for chat, stats in ((chat_lm, stats_lm), (chat_plain, stats_plain)):
@@ -85,12 +88,12 @@ def test_a_turn_streams_into_both_panes(ui):
 
 def test_the_chart_grows_with_each_turn(ui):
     """Two turns: two points per engine (TTFT vs prompt tokens) beside the committed H100 benchmark curve."""
-    runtime, fns = ui
+    runtime = ui
     state = ChatState()
     plots, contexts = [], []
     for question in ("What is a decorator?", "And what is a metaclass?"):
-        ask(runtime, fns, state, question)
-        outs = asyncio.run(drain(fns["stream"](runtime.library.sys_prompt, state)))
+        ask(runtime, state, question)
+        outs = asyncio.run(drain(stream(runtime, runtime.library.sys_prompt, state)))
         plots.append(outs[-1][6])
         contexts.append(state.last_stats["lmcache"].prompt_tokens)
     for plot, turns in zip(plots, (1, 2)):
@@ -104,7 +107,7 @@ def test_the_chart_grows_with_each_turn(ui):
     plot_data = next(b for b in ui_blocks(runtime) if getattr(b, "elem_id", None) == "ttft-chart").postprocess(
         plots[-1])
     assert plot_data.columns == ["context_tokens", "ttft_s", "series"] and len(plot_data.data) == len(plots[-1])
-    cleared = fns["clear"](state)[-1]
+    cleared = clear(runtime, state)[-1]
     assert session_rows(cleared).empty and len(drawn(cleared)) == len(drawn(plots[-1])) - 4
 
 
@@ -113,19 +116,19 @@ def ui_blocks(runtime):
 
 
 def test_agreement_only_for_two_greedy_answers(ui):
-    runtime, fns = ui
+    runtime = ui
     state = ChatState()
-    ask(runtime, fns, state, "What is a generator?", temperature=0.7)
-    agreement = asyncio.run(drain(fns["stream"](runtime.library.sys_prompt, state)))[-1][5]
+    ask(runtime, state, "What is a generator?", temperature=0.7)
+    agreement = asyncio.run(drain(stream(runtime, runtime.library.sys_prompt, state)))[-1][5]
     assert agreement == "Agreement of 🚀 and 🐢 is shown at temperature 0 only."
-    ask(runtime, fns, state, "What is a generator?", engines=LABELS[1:])  # 🐢 alone
-    outs = asyncio.run(drain(fns["stream"](runtime.library.sys_prompt, state)))
+    ask(runtime, state, "What is a generator?", engines=LABELS[1:])  # 🐢 alone
+    outs = asyncio.run(drain(stream(runtime, runtime.library.sys_prompt, state)))
     assert all(out[5] == "" for out in outs)
-    assert fns["clear"](state)[6] == "" and state.answers == {} and state.temperature is None
+    assert clear(runtime, state)[6] == "" and state.answers == {} and state.temperature is None
 
 
 def test_agreement_markdown_counts_and_skips_failed_answers(ui):
-    runtime, _ = ui
+    runtime = ui
     state = ChatState(answers={"lmcache": "The cache is loaded from disk.", "plain": "The cache is rebuilt."},
                       temperature=0.0)
     assert agreement_markdown(state, runtime).startswith("🚀 and 🐢 agree on the first **3** of 8 answer tokens")
@@ -136,15 +139,15 @@ def test_agreement_markdown_counts_and_skips_failed_answers(ui):
 
 
 def test_second_question_while_streaming_is_refused(ui):
-    runtime, fns = ui
+    runtime = ui
     state = ChatState()
-    ask(runtime, fns, state, "First question?")
+    ask(runtime, state, "First question?")
 
     async def go():
-        agen = fns["stream"](runtime.library.sys_prompt, state)
+        agen = stream(runtime, runtime.library.sys_prompt, state)
         await agen.__anext__()  # the first turn is streaming now
         assert state.streaming
-        _, notice, chat_lm, chat_plain, _ = ask(runtime, fns, state, "Second question?")
+        _, notice, chat_lm, chat_plain, _ = ask(runtime, state, "Second question?")
         assert "Still answering the previous question" in notice
         assert len(chat_lm) == len(chat_plain) == 2  # no second turn was added
         await drain(agen)
@@ -155,29 +158,29 @@ def test_second_question_while_streaming_is_refused(ui):
         assert first_q == "First question?" and "TTFT" in answer
     assert not state.streaming
     # Once done, the next question is taken.
-    _, notice, chat_lm, _, _ = ask(runtime, fns, state, "Second question?")
+    _, notice, chat_lm, _, _ = ask(runtime, state, "Second question?")
     assert "Still answering" not in notice and chat_lm[-2]["content"] == "Second question?"
-    asyncio.run(drain(fns["stream"](runtime.library.sys_prompt, state)))
+    asyncio.run(drain(stream(runtime, runtime.library.sys_prompt, state)))
     assert all("TTFT" in messages(state, k)[-1] for k in ("lmcache", "plain"))
 
 
 def test_clear_chat_while_streaming(ui):
-    runtime, fns = ui
+    runtime = ui
     state = ChatState()
-    ask(runtime, fns, state, "First question?")
+    ask(runtime, state, "First question?")
 
     async def go():
-        agen = fns["stream"](runtime.library.sys_prompt, state)
+        agen = stream(runtime, runtime.library.sys_prompt, state)
         await agen.__anext__()
-        cleared = fns["clear"](state)
+        cleared = clear(runtime, state)
         assert cleared[1:7] == ([], [], "", "", "", "") and session_rows(cleared[7]).empty
         return await drain(agen)  # must not fail on the cleared histories
 
     outs = asyncio.run(go())
     assert all(out[0] == [] and out[1] == [] and out[2] == "" for out in outs)
     assert state.histories == {} and state.last_stats == {} and state.points == [] and not state.streaming
-    ask(runtime, fns, state, "After clearing?")
-    asyncio.run(drain(fns["stream"](runtime.library.sys_prompt, state)))
+    ask(runtime, state, "After clearing?")
+    asyncio.run(drain(stream(runtime, runtime.library.sys_prompt, state)))
     assert messages(state, "plain")[0] == "After clearing?" and "TTFT" in messages(state, "plain")[1]
 
 
@@ -201,28 +204,28 @@ def assert_stopped(outs, state: ChatState) -> None:
 def test_stop_mid_answer_keeps_the_partial_answers(ui):
     """Stop, in-process: Gradio closes the cancelled `stream` generator (here at its yield, as its /cancel does
     when the event is between two steps), then the Stop button's own event, `stop`, shows the stopped answers."""
-    runtime, fns = ui
+    runtime = ui
     state = ChatState()
-    ask(runtime, fns, state, "Stop me mid-answer?", max_tokens=2048)
+    ask(runtime, state, "Stop me mid-answer?", max_tokens=2048)
 
     async def go():
-        agen = fns["stream"](runtime.library.sys_prompt, state)
+        agen = stream(runtime, runtime.library.sys_prompt, state)
         async for out in agen:
             if any("[SIMULATED]" in chat[-1]["content"] for chat in out[:2]):
                 break  # the first words are in: both answers are 24 to 64 tokens long
         await agen.aclose()
-        return await fns["stop"](state)
+        return await stop(runtime, state)
 
     outs = asyncio.run(go())
     assert_stopped(outs, state)
     assert any("[SIMULATED]" in chat[-1]["content"] for chat in outs[:2])  # the partial answer stays
-    assert comparable(asyncio.run(fns["stop"](state))) == comparable(outs)  # Stop again: nothing changes
+    assert comparable(asyncio.run(stop(runtime, state))) == comparable(outs)  # Stop again: nothing changes
 
     # The next question streams normally, and its panes show timings again.
-    _, notice, *_ = ask(runtime, fns, state, "And now the whole answer?")
+    _, notice, *_ = ask(runtime, state, "And now the whole answer?")
     assert "Still answering" not in notice
     chat_lm, chat_plain, stats_lm, stats_plain, *_ = asyncio.run(drain(
-        fns["stream"](runtime.library.sys_prompt, state)))[-1]
+        stream(runtime, runtime.library.sys_prompt, state)))[-1]
     assert all("TTFT" in chat[-1]["content"] for chat in (chat_lm, chat_plain))
     assert stats_lm.startswith("TTFT") and stats_plain.startswith("TTFT") and state.stopped == {}
     assert "⏹ stopped" in chat_lm[-3]["content"]  # the stopped answer stays in the history
@@ -230,15 +233,15 @@ def test_stop_mid_answer_keeps_the_partial_answers(ui):
 
 def test_stop_waits_for_the_cancel_of_the_running_stream(ui):
     """The Stop button's `stop` may start before Gradio's cancel reaches the streaming task: it waits for it."""
-    runtime, fns = ui
+    runtime = ui
     state = ChatState()
-    ask(runtime, fns, state, "Cancel this task?", max_tokens=2048)
+    ask(runtime, state, "Cancel this task?", max_tokens=2048)
 
     async def go():
         outs: list[tuple] = []
 
         async def consume():
-            async for out in fns["stream"](runtime.library.sys_prompt, state):
+            async for out in stream(runtime, runtime.library.sys_prompt, state):
                 outs.append(out)
 
         task = asyncio.create_task(consume())
@@ -246,7 +249,7 @@ def test_stop_waits_for_the_cancel_of_the_running_stream(ui):
         while not outs:
             assert time.monotonic() < deadline and not task.done(), "no answer began streaming"
             await asyncio.sleep(0.01)
-        stopping = asyncio.create_task(fns["stop"](state))
+        stopping = asyncio.create_task(stop(runtime, state))
         await asyncio.sleep(0)  # `stop` runs up to its first wait
         assert not stopping.done() and state.streaming
         task.cancel()  # what Gradio's cancel does to the running `stream` event
@@ -260,43 +263,43 @@ def test_stop_waits_for_the_cancel_of_the_running_stream(ui):
 
 
 def test_stop_of_a_turn_not_yet_streaming_and_with_nothing_to_stop(ui):
-    runtime, fns = ui
+    runtime = ui
     state = ChatState()
-    nothing = asyncio.run(fns["stop"](state))  # nothing asked yet: nothing changes
+    nothing = asyncio.run(stop(runtime, state))  # nothing asked yet: nothing changes
     assert nothing[:6] == ([], [], "", "", "", "") and session_rows(nothing[6]).empty
 
-    ask(runtime, fns, state, "Stopped before it began?")  # prepared; its `stream` event has not started
-    outs = asyncio.run(fns["stop"](state))
+    ask(runtime, state, "Stopped before it began?")  # prepared; its `stream` event has not started
+    outs = asyncio.run(stop(runtime, state))
     assert_stopped(outs, state)
     assert all(chat[-1]["content"] == "`⏹ stopped before the first token`" for chat in outs[:2])
-    assert asyncio.run(drain(fns["stream"](runtime.library.sys_prompt, state))) == []  # nothing left to stream
+    assert asyncio.run(drain(stream(runtime, runtime.library.sys_prompt, state))) == []  # nothing left to stream
 
-    ask(runtime, fns, state, "And this one?")
-    last = asyncio.run(drain(fns["stream"](runtime.library.sys_prompt, state)))[-1]
-    again = asyncio.run(fns["stop"](state))  # after a finished turn, Stop changes nothing
+    ask(runtime, state, "And this one?")
+    last = asyncio.run(drain(stream(runtime, runtime.library.sys_prompt, state)))[-1]
+    again = asyncio.run(stop(runtime, state))  # after a finished turn, Stop changes nothing
     assert again[:-1] == last[:-2] and len(session_rows(again[-1])) == 2
     assert all("TTFT" in chat[-1]["content"] for chat in last[:2])
 
 
 def test_invalid_question_adds_no_turn(ui):
-    runtime, fns = ui
+    runtime = ui
     state = ChatState()
-    _, notice, chat_lm, chat_plain, _ = ask(runtime, fns, state, "   ")
+    _, notice, chat_lm, chat_plain, _ = ask(runtime, state, "   ")
     assert notice == "⚠️ Type a question first." and chat_lm == chat_plain == [] and state.pending is None
-    assert asyncio.run(drain(fns["stream"](runtime.library.sys_prompt, state))) == []
+    assert asyncio.run(drain(stream(runtime, runtime.library.sys_prompt, state))) == []
 
 
 def test_context_info(ui, builder):
-    runtime, fns = ui
+    runtime = ui
     names = list(runtime.library.chunks)[:3][::-1]
-    info, text = fns["context_info"](names, runtime.library.sys_prompt)
+    info, text = context_info(runtime, names, runtime.library.sys_prompt)
     titles = runtime.library.titles()
     assert f"**Context: {builder.context_tokens(names):,} tokens**, 3 chunks" in info
     assert "Order: " + " → ".join(titles[n] for n in names) in info
     assert text == builder.display_text(names)
-    over, _ = fns["context_info"](list(runtime.library.chunks), runtime.library.sys_prompt)
+    over, _ = context_info(runtime, list(runtime.library.chunks), runtime.library.sys_prompt)
     assert "over the limit of 32,768" in over
-    empty, _ = fns["context_info"]([], runtime.library.sys_prompt)
+    empty, _ = context_info(runtime, [], runtime.library.sys_prompt)
     assert "(no chunks: question only)" in empty
 
 

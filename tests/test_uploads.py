@@ -373,27 +373,26 @@ def test_an_evicted_session_sees_a_note_when_it_next_acts(builder, sim_engines, 
 
 
 def test_the_page_handlers_take_evicted_chunks_off_the_pickers(builder, sim_engines):
-    from kvdemo.ui.app import build_ui
+    from kvdemo.ui.handlers import add_pasted, prepare  # the page's own event handlers
 
     runtime = make_runtime(builder, handles=sim_engines)
-    fns = {f.name: f.fn for f in build_ui(runtime).fns.values()}  # the page's own event handlers
     runtime._upload_ledger = ub.UploadLedger(400 * 1024, ub.KvSize(1024, "test"), 10**9, 0)  # 400 tokens
     state = ChatState()
     up = byo.Uploads()
     shipped = next(iter(builder.library.chunks))
-    outs = asyncio.run(drain(fns["add_pasted"](words(150), up, [shipped], None)))
+    outs = asyncio.run(drain(add_pasted(runtime, words(150), up, [shipped], None)))
     status, chunks, move, _ = outs[-1]
     mine = next(iter(up.chunks))
     assert status.startswith("✅ Added 1 chunk from pasted") and mine in [n for _, n in chunks["choices"]]
     assert chunks["value"] == [shipped]
-    asyncio.run(drain(fns["add_pasted"](words(150, 1), byo.Uploads(), [], None)))  # another session
+    asyncio.run(drain(add_pasted(runtime, words(150, 1), byo.Uploads(), [], None)))  # another session
     # This session asks with its evicted chunk picked: one line says why, and no turn starts.
     labels = [h.spec.label for h in runtime.engines]
-    _, notice, *_ = fns["prepare"]("Which words?", [mine, shipped], builder.library.sys_prompt, 0.0, 8,
-                                     labels, state, up)
+    _, notice, *_ = prepare(runtime, "Which words?", [mine, shipped], builder.library.sys_prompt, 0.0, 8,
+                            labels, state, up)
     assert notice.startswith(f"⚠️ {mine} was evicted to keep the shipped chunks cached") and state.pending is None
     # Its next upload rebuilds the pickers without it, keeping the rest of the selection.
-    outs = asyncio.run(drain(fns["add_pasted"](words(50, 2), up, [mine, shipped], mine)))
+    outs = asyncio.run(drain(add_pasted(runtime, words(50, 2), up, [mine, shipped], mine)))
     status, chunks, move, _ = outs[-1]
     assert mine not in [n for _, n in chunks["choices"]] and chunks["value"] == [shipped] and move["value"] is None
 

@@ -2,24 +2,65 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..config import Settings, plan_gpus
 from ..engines import EngineSpec
+from .base import BenchCases, PrecomputePlan, Scenario
+
+if TYPE_CHECKING:
+    import gradio as gr
+
+    from ..kvstore import KvStore
+    from ..runtime import EngineHandle, Runtime
 
 LMCACHE_LABEL = "🚀 vLLM + LMCache"
 PLAIN_LABEL = "🐢 plain vLLM"
 
 
-def engine_specs(settings: Settings, gpus: list[int]) -> list[EngineSpec]:
-    """LMCache engine first, plain engine second; with 2+ GPUs each gets its own GPU."""
-    slots = plan_gpus(2, [] if settings.simulate else gpus)
-    common = {"model": settings.model, "max_model_len": settings.max_model_len, "simulate": settings.simulate,
-              "extra_args": settings.engine_args, "gpu_memory_utilization": settings.gpu_memory_utilization,
-              "kv_cache_gib": settings.kv_cache_gib, "local_model": settings.is_local_model,
-              "sim_speed": settings.sim_speed}
-    attach = settings.attach or [None, None]
-    return [
-        EngineSpec(key="lmcache", label=LMCACHE_LABEL, lmcache=True, port=settings.engine_ports[0],
-                   slot=slots[0], lmcache_config=settings.lmcache_config_path, url_override=attach[0], **common),
-        EngineSpec(key="plain", label=PLAIN_LABEL, lmcache=False, port=settings.engine_ports[1],
-                   slot=slots[1], url_override=attach[1] if len(attach) > 1 else None, **common),
-    ]
+class BlendScenario(Scenario):
+    name = "blend"
+    n_engines = 2
+
+    def engine_specs(self, settings: Settings, gpus: list[int], kv_store: KvStore | None = None) -> list[EngineSpec]:
+        """LMCache engine first, plain engine second; with 2+ GPUs each gets its own GPU."""
+        slots = plan_gpus(2, [] if settings.simulate else gpus)
+        common = {"model": settings.model, "max_model_len": settings.max_model_len, "simulate": settings.simulate,
+                  "extra_args": settings.engine_args, "gpu_memory_utilization": settings.gpu_memory_utilization,
+                  "kv_cache_gib": settings.kv_cache_gib, "local_model": settings.is_local_model,
+                  "sim_speed": settings.sim_speed}
+        attach = settings.attach or [None, None]
+        return [
+            EngineSpec(key="lmcache", label=LMCACHE_LABEL, lmcache=True, port=settings.engine_ports[0],
+                       slot=slots[0], lmcache_config=settings.lmcache_config_path, url_override=attach[0], **common),
+            EngineSpec(key="plain", label=PLAIN_LABEL, lmcache=False, port=settings.engine_ports[1],
+                       slot=slots[1], url_override=attach[1] if len(attach) > 1 else None, **common),
+        ]
+
+    def precompute_plan(self, runtime: Runtime) -> PrecomputePlan:
+        """Store every chunk's KV (and the system prompt's) in the LMCache engine, then warm each engine up."""
+        segments = runtime.precompute_prompts()
+        requests = [(runtime.lmcache_engine, ids, False) for ids in segments]
+        requests += [(h, ids, True) for h, ids in runtime.warm_up_prompts()]
+        return PrecomputePlan("precompute", requests, tuple(segments[0]) if segments else None)
+
+    def skip_save(self, handle: EngineHandle) -> bool:
+        """Blended questions are not worth storing (and storing is on the TTFT path)."""
+        return handle.spec.lmcache
+
+    def restart_redoes_precompute(self, handle: EngineHandle) -> bool:
+        """The LMCache engine's chunk caches died with it."""
+        return handle.spec.lmcache
+
+    def build_page(self, runtime: Runtime) -> gr.Blocks:
+        from ..ui.app import build_ui  # lazy: the UI imports the runtime, which imports the scenarios
+
+        return build_ui(runtime)
+
+    def bench_cases(self) -> BenchCases:
+        from ..bench.cases import BLEND_CASES  # lazy: the bench imports the runtime
+
+        return BLEND_CASES
+
+
+SCENARIO = BlendScenario()

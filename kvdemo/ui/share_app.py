@@ -12,7 +12,7 @@ import gradio as gr
 
 from ..errors import UserFacingError
 from ..runtime import DEFAULT_CONTEXT_TOKENS, Runtime
-from .app import _sim
+from .labels import SIMULATED_BANNER, simulated_label
 from .session import Turn, stream_turn, validate_turn
 
 HOW_TO = ("**How to read it:** send the document to 🚀 LMCache **(A)** first — it computes the KV cache and stores "
@@ -45,7 +45,7 @@ def build_share_ui(runtime: Runtime) -> gr.Blocks:
     choices = [(f"{titles[n]}  ({len(builder.chunk_ids(n)):,} tok)", n) for n in runtime.library.chunks]
     default_doc = builder.default_selection(DEFAULT_CONTEXT_TOKENS, runtime.max_model_len - 512)
     labels = [h.spec.label for h in runtime.engines]
-    sim = _sim(runtime)
+    sim = simulated_label(runtime)
 
     def context_info(names: list[str] | None) -> str:
         n = builder.context_tokens(list(names or []))
@@ -109,8 +109,7 @@ def build_share_ui(runtime: Runtime) -> gr.Blocks:
         session = gr.State(ShareSession())  # deep-copied for each browser session
         gr.Markdown("# KV sharing: a second LMCache engine reuses the KV cache the first one stored\n" + HOW_TO)
         if runtime.settings.simulate:
-            gr.Markdown("SIMULATED: no GPU — engines are simulated and every timing is SIMULATED, "
-                        "not a measurement.", elem_classes="sim-banner", elem_id="sim-banner")
+            gr.Markdown(SIMULATED_BANNER, elem_classes="sim-banner", elem_id="sim-banner")
         status = gr.Markdown(runtime.status_line(), elem_id="status")
         gr.Markdown(store_line(runtime.kv_store.redis_url, runtime.kv_store.remote_url), elem_id="store")
         with gr.Row():

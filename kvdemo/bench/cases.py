@@ -1,0 +1,211 @@
+"""The measurement protocols: one repeat of a case, its summary over repeats, and the blend trace request.
+
+Blend (per repeat, fresh chunk text, requests one at a time):
+
+    plain: cold (order A, q1) → prefix hit (order A, q2) → reordered (order B, q3; long decode)
+    LMCache: cold (A, q1) → precompute chunks → same order (A, q2) → reordered (B, q3; long decode)
+
+Share: LMCache A (stores) → LMCache B (loads what A stored) → plain A → plain B, one fresh document.
+
+Each scenario names its protocol (``Scenario.bench_cases()``): BLEND_CASES and SHARE_CASES below.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+from pathlib import Path
+
+from ..client import EngineClient, RequestStats
+from ..errors import UserFacingError
+from ..prompts import PromptBuilder
+from ..runtime import EngineHandle, Runtime
+from ..scenarios.base import BenchCases
+from .write import plot_blend, plot_share
+
+CHUNKS_PER_PROMPT = 8
+TTFT_KEYS = ("plain_cold_ttft_s", "plain_prefix_hit_ttft_s", "plain_reordered_ttft_s", "blend_cold_ttft_s",
+             "blend_same_order_ttft_s", "blend_reordered_ttft_s")
+SHARE_TTFT_KEYS = ("a_cold_ttft_s", "b_after_a_ttft_s", "plain_a_ttft_s", "plain_b_ttft_s")
+TRACE_PRINT_KEYS = ("untraced_ttft_s", "cpu_blend_ms", "gpu_span_ms", "kernel_busy_ms", "h2d_copy_busy_ms",
+                    "h2d_overlapped_with_kernels_ms", "gpu_idle_ms")
+B_LOAD_PATTERNS = ("Retrieved", "kvdemo pipeline:")
+
+
+def synthetic_chunks(builder: PromptBuilder, n: int, tokens_each: int, tag: str) -> list[list[int]]:
+    """n chunks of ~tokens_each ids: a unique nonce line, then real corpus text (offset per chunk)."""
+    pool = [t for name in builder.library.chunks for t in builder.chunk_ids(name)]
+    chunks = []
+    for i in range(n):
+        nonce = list(builder.tokenizer.encode(f"Revision {tag}-{i}: ", add_special_tokens=False))
+        body_len = max(1, tokens_each - len(nonce))
+        start = (i * len(pool) // n) % len(pool)
+        body = (pool[start:] + pool)[:body_len]
+        chunks.append(nonce + body)
+    return chunks
+
+
+async def _ask(client: EngineClient, ids: list[int], max_tokens: int = 1, **kw) -> RequestStats:
+    _, stats = await client.complete(ids, max_tokens=max_tokens, temperature=0.0, **kw)
+    return stats
+
+
+def engine_log_lines(engine: EngineHandle) -> list[str]:
+    """The engine's log (empty for an attached engine: its log is elsewhere)."""
+    proc = engine.process
+    if proc is None:
+        return []
+    return proc.log_path.read_text(errors="replace").splitlines()
+
+
+# ----- blend ----------------------------------------------------------------------------------------------
+async def run_repeat(runtime: Runtime, context_tokens: int, decode_tokens: int, tag: str) -> dict:
+    """One repeat of one case: every TTFT of the protocol above, with fresh chunks."""
+    builder = runtime.builder
+    assert builder is not None
+    sys_ids = builder.sys_ids()
+    questions = [builder.question_ids(f"Question {tag}-{k}: which section explains how names are bound, "
+                                      f"and what does it say?") for k in range(3)]
+    per_chunk = (context_tokens - len(sys_ids) - len(questions[0])) // CHUNKS_PER_PROMPT - len(builder.sep_ids)
+    chunks = synthetic_chunks(builder, CHUNKS_PER_PROMPT, per_chunk, tag)
+    order_b = chunks[::-1]
+    prompt_a1, prompt_a2 = (builder.assemble(sys_ids, chunks, q) for q in questions[:2])
+    prompt_b3 = builder.assemble(sys_ids, order_b, questions[2])
+    plain = next(h for h in runtime.engines if not h.spec.lmcache).client()
+    blend = runtime.lmcache_engine.client()
+    try:
+        r: dict = {"context_tokens": len(prompt_a1)}
+        r["plain_cold_ttft_s"] = (await _ask(plain, prompt_a1)).ttft_s
+        r["plain_prefix_hit_ttft_s"] = (await _ask(plain, prompt_a2)).ttft_s
+        s = await _ask(plain, prompt_b3, decode_tokens, ignore_eos=True)
+        r["plain_reordered_ttft_s"], r["plain_decode_tok_s"] = s.ttft_s, s.decode_tok_s
+        r["blend_cold_ttft_s"] = (await _ask(blend, prompt_a1, skip_save=True)).ttft_s
+        t0 = time.perf_counter()
+        for ids in builder.precompute_layout(sys_ids, chunks):
+            await _ask(blend, ids)
+        r["precompute_s"] = time.perf_counter() - t0
+        r["blend_same_order_ttft_s"] = (await _ask(blend, prompt_a2, skip_save=True)).ttft_s
+        s = await _ask(blend, prompt_b3, decode_tokens, ignore_eos=True, skip_save=True)
+        r["blend_reordered_ttft_s"], r["blend_decode_tok_s"] = s.ttft_s, s.decode_tok_s
+        return r
+    finally:
+        await plain.close()
+        await blend.close()
+
+
+async def run_trace(runtime: Runtime, context_tokens: int, tag: str, trace_dir: Path,
+                    timeout_s: float = 120.0) -> dict:
+    """One extra blended, reordered request with the torch profiler on in the LMCache engine.
+
+    Fresh chunks are precomputed and one untraced reordered question warms the path; then the arm file
+    makes the plugin (KVDEMO_TRACE_DIR) trace the next blend. The traced request's TTFT includes the
+    profiler's cost: it is reported apart and never as a result."""
+    builder = runtime.builder
+    assert builder is not None
+    sys_ids = builder.sys_ids()
+    q_warm, q_traced = (builder.question_ids(f"Question {tag}-{k}: which section explains name binding?")
+                        for k in range(2))
+    per_chunk = (context_tokens - len(sys_ids) - len(q_warm)) // CHUNKS_PER_PROMPT - len(builder.sep_ids)
+    chunks = synthetic_chunks(builder, CHUNKS_PER_PROMPT, per_chunk, tag)
+    blend = runtime.lmcache_engine.client()
+    label = f"trace-{context_tokens}"
+    summary_path = trace_dir / f"{label}-summary.json"
+    try:
+        for ids in builder.precompute_layout(sys_ids, chunks):
+            await _ask(blend, ids)
+        untraced = await _ask(blend, builder.assemble(sys_ids, chunks[::-1], q_warm), skip_save=True)
+        summary_path.unlink(missing_ok=True)
+        (trace_dir / "arm").write_text(label)
+        traced = await _ask(blend, builder.assemble(sys_ids, chunks[1:] + chunks[:1], q_traced), skip_save=True)
+    finally:
+        await blend.close()
+    deadline = time.monotonic() + timeout_s
+    while not summary_path.exists() and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+    if not summary_path.exists():
+        raise UserFacingError(f"no blend trace appeared in {trace_dir} (is the LMCache engine blending?)")
+    return {"context_target": context_tokens, "untraced_ttft_s": untraced.ttft_s,
+            "traced_ttft_s_includes_profiler": traced.ttft_s, **json.loads(summary_path.read_text())}
+
+
+def summarize(context_target: int, repeats: list[dict]) -> dict:
+    """Medians over repeats, plus the raw repeats and the ratios the issue's targets are stated in."""
+    med = {k: statistics.median(r[k] for r in repeats) for k in (*TTFT_KEYS, "precompute_s")}
+    dec = {k: statistics.median(r[k] for r in repeats if r[k]) if any(r[k] for r in repeats) else None
+           for k in ("plain_decode_tok_s", "blend_decode_tok_s")}
+    case = {"context_tokens": repeats[0]["context_tokens"], "context_target": context_target,
+            "n_chunks": CHUNKS_PER_PROMPT, **med, **dec, "repeats": repeats}
+    case["speedup_reordered"] = med["plain_reordered_ttft_s"] / med["blend_reordered_ttft_s"]
+    case["blend_reordered_over_plain_prefix_hit"] = med["blend_reordered_ttft_s"] / med["plain_prefix_hit_ttft_s"]
+    if dec["plain_decode_tok_s"] and dec["blend_decode_tok_s"]:
+        case["decode_ratio_lmcache_over_plain"] = dec["blend_decode_tok_s"] / dec["plain_decode_tok_s"]
+    return case
+
+
+def blend_case_line(c: dict) -> str:
+    return (f"  {c['context_tokens']:>6} tokens: plain reordered {c['plain_reordered_ttft_s']:.3f} s, "
+            f"blend reordered {c['blend_reordered_ttft_s']:.3f} s → {c['speedup_reordered']:.2f}×; "
+            f"prefix hit {c['plain_prefix_hit_ttft_s']:.3f} s")
+
+
+# ----- share ----------------------------------------------------------------------------------------------
+async def run_share_repeat(runtime: Runtime, context_tokens: int, decode_tokens: int, tag: str) -> dict:
+    """One repeat of the share scenario with a fresh document: LMCache A (stores) → LMCache B (loads what A
+    stored, next question) → plain A → plain B. A and plain A also decode `decode_tokens` tokens."""
+    builder = runtime.builder
+    assert builder is not None
+    sys_ids = builder.sys_ids()
+    q1, q2 = (builder.question_ids(f"Question {tag}-{k}: which section explains name binding?") for k in range(2))
+    per_chunk = (context_tokens - len(sys_ids) - len(q1)) // CHUNKS_PER_PROMPT - len(builder.sep_ids)
+    chunks = synthetic_chunks(builder, CHUNKS_PER_PROMPT, per_chunk, tag)
+    first, second = builder.assemble(sys_ids, chunks, q1), builder.assemble(sys_ids, chunks, q2)
+    clients = {h.spec.key: h.client() for h in runtime.engines}
+    try:
+        before = runtime.kv_store.size_bytes()
+        a = await _ask(clients["lmcache_a"], first, decode_tokens, ignore_eos=True)
+        store_bytes = runtime.kv_store.size_bytes() - before
+        b = await _ask(clients["lmcache_b"], second)
+        plain_a = await _ask(clients["plain_a"], first, decode_tokens, ignore_eos=True)
+        plain_b = await _ask(clients["plain_b"], second)
+    finally:
+        for c in clients.values():
+            await c.close()
+    return {"context_tokens": len(first), "a_cold_ttft_s": a.ttft_s, "b_after_a_ttft_s": b.ttft_s,
+            "plain_a_ttft_s": plain_a.ttft_s, "plain_b_ttft_s": plain_b.ttft_s, "b_cached_tokens": b.cached_tokens,
+            "lmcache_decode_tok_s": a.decode_tok_s, "plain_decode_tok_s": plain_a.decode_tok_s,
+            "store_bytes": store_bytes}
+
+
+def summarize_share(context_target: int, repeats: list[dict]) -> dict:
+    keys = (*SHARE_TTFT_KEYS, "lmcache_decode_tok_s", "plain_decode_tok_s", "store_bytes")
+    med = {k: statistics.median(r[k] for r in repeats if r[k] is not None) for k in keys}
+    case = {"context_tokens": repeats[0]["context_tokens"], "context_target": context_target, **med,
+            "repeats": repeats}
+    case["b_after_a_over_a_cold"] = med["b_after_a_ttft_s"] / med["a_cold_ttft_s"]
+    case["decode_ratio_lmcache_over_plain"] = med["lmcache_decode_tok_s"] / med["plain_decode_tok_s"]
+    return case
+
+
+def share_case_line(c: dict) -> str:
+    return (f"  {c['context_tokens']:>6} tokens: A cold {c['a_cold_ttft_s']:.3f} s, B after A "
+            f"{c['b_after_a_ttft_s']:.3f} s ({c['b_after_a_over_a_cold']:.2f}× cold); plain A "
+            f"{c['plain_a_ttft_s']:.3f} s, plain B {c['plain_b_ttft_s']:.3f} s")
+
+
+def b_load_log(runtime: Runtime, limit: int = 40) -> list[str]:
+    """Share scenario: engine B's per-request load lines (LMCache's "Retrieved ..." or the plugin's
+    "kvdemo pipeline: ..."), which split B's TTFT into loading the shared store and the rest."""
+    engine = next((h for h in runtime.engines if h.spec.key == "lmcache_b"), None)
+    lines = engine_log_lines(engine) if engine is not None else []
+    return [ln.strip()[:400] for ln in lines if any(p in ln for p in B_LOAD_PATTERNS)][-limit:]
+
+
+BLEND_CASES = BenchCases(repeat=run_repeat, summarize=summarize, ttft_keys=TTFT_KEYS,
+                         requests="blended questions sent with lmcache.skip_save", case_line=blend_case_line,
+                         plot=plot_blend, traceable=True)
+SHARE_CASES = BenchCases(repeat=run_share_repeat, summarize=summarize_share, ttft_keys=SHARE_TTFT_KEYS,
+                         requests="LMCache engines store every request (A stores, B loads)",
+                         case_line=share_case_line, plot=plot_share,
+                         extra_fields=lambda runtime: {"b_load_log": b_load_log(runtime)})

@@ -1,0 +1,119 @@
+"""``python -m kvdemo.bench``: the app's flags plus the benchmark's; parse → measure → write."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import REPO_ROOT, Settings, build_parser, settings_from_args
+from ..errors import UserFacingError
+from ..quality_bench import add_quality_flags, quoted_argv, run_quality
+from ..scenarios import get_scenario
+from ..scenarios.base import BenchCases
+from ..signals import raise_system_exit
+from .measure import measure
+from .write import redraw, write
+
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+APP_QUESTION = "Which section explains name binding?"  # the headless question answered before the cases
+
+
+@dataclass(frozen=True)
+class BenchJob:
+    """One TTFT benchmark run, as the flags asked for it (checked)."""
+
+    settings: Settings
+    cases: BenchCases  # the scenario's protocol
+    contexts: list[int]
+    trace_contexts: list[int]
+    repeats: int
+    decode_tokens: int
+    skip_app_question: bool
+    out: Path
+    name: str | None  # result file stem (default: the scenario)
+    command: str  # how to run it again, for the result file
+
+
+def token_counts(flag: str, text: str) -> list[int]:
+    """``4000,8000`` → [4000, 8000]; anything else is a one-line error naming the flag."""
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise UserFacingError(f"{flag} takes token counts separated by commas, e.g. 8000,16000 (got {text!r}).")
+    return values
+
+
+def build_bench_parser() -> argparse.ArgumentParser:
+    p = build_parser()
+    p.prog = "python -m kvdemo.bench"
+    g = p.add_argument_group("benchmark")
+    g.add_argument("--contexts", default="4000,8000,16000,24000", help="context sizes in tokens")
+    g.add_argument("--repeats", type=int, default=3)
+    g.add_argument("--decode-tokens", type=int, default=256, help="output tokens of the decode-speed requests")
+    g.add_argument("--out", type=Path, default=RESULTS_DIR)
+    g.add_argument("--name", help="result file stem: <name>-<gpu>.json (default: the scenario)")
+    g.add_argument("--plot-only", type=Path, help="redraw the PNG of an existing result JSON and exit")
+    g.add_argument("--skip-app-question", action="store_true",
+                   help="do not run the app's headless question before the cases")
+    g.add_argument("--trace-contexts", default="",
+                   help="after the cases, trace one extra blended request per context size with the torch "
+                        "profiler inside the LMCache engine (real engines only); writes <name>-<gpu>-trace-"
+                        "<ctx>.json.gz next to the result and a summary into it")
+    add_quality_flags(p)
+    return p
+
+
+def parse(a: argparse.Namespace, settings: Settings, argv: list[str] | None) -> BenchJob:
+    """The TTFT benchmark's flags, checked before any engine starts; each problem is a one-line error."""
+    out = Path(a.out)
+    if settings.simulate and out.resolve() == RESULTS_DIR.resolve():
+        raise UserFacingError("benchmarks/results holds GPU measurements only: give --out for a SIMULATED run.")
+    contexts = token_counts("--contexts", a.contexts)
+    if max(contexts) + a.decode_tokens > settings.max_model_len:
+        raise UserFacingError(f"--contexts up to {max(contexts)} + {a.decode_tokens} decode tokens exceed "
+                              f"--max-model-len {settings.max_model_len}.")
+    trace_contexts = token_counts("--trace-contexts", a.trace_contexts) if a.trace_contexts.strip() else []
+    cases = get_scenario(settings.scenario).bench_cases()
+    if trace_contexts and (settings.simulate or not cases.traceable):
+        raise UserFacingError("--trace-contexts traces the real LMCache engine's blend: blend scenario, no --simulate.")
+    return BenchJob(settings=settings, cases=cases, contexts=contexts, trace_contexts=trace_contexts,
+                    repeats=a.repeats, decode_tokens=a.decode_tokens, skip_app_question=a.skip_app_question,
+                    out=out, name=a.name,
+                    command="python -m kvdemo.bench " + shlex.join(sys.argv[1:] if argv is None else argv))
+
+
+def run(argv: list[str] | None = None) -> dict:
+    """The benchmark: parse → measure → write; returns the result. --plot-only redraws a result's PNG;
+    --quality runs the quality case instead (quality_bench.py)."""
+    a = build_bench_parser().parse_args(argv)
+    if a.plot_only:
+        return redraw(a.plot_only)
+    a.no_ui, a.ask = True, a.ask or APP_QUESTION
+    settings = settings_from_args(a)
+    if a.quality:
+        a.name = a.name or "quality"
+        return run_quality(a, settings, quoted_argv(argv))
+    job = parse(a, settings, argv)
+    measured = measure(job)
+    write(job, measured)
+    return measured.result
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpx2", "httpcore", "openai"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    signal.signal(signal.SIGTERM, raise_system_exit)
+    try:
+        run()
+    except UserFacingError as exc:
+        print(f"kvdemo.bench: {exc}", file=sys.stderr)
+        return 2
+    return 0
