@@ -20,7 +20,7 @@ from .signals import raise_system_exit
 
 log = logging.getLogger("kvdemo")
 
-_raise_exit = raise_system_exit  # the old private name, still imported by kvdemo.bench
+_raise_exit = raise_system_exit  # the old private name, kept for anyone who still imports it
 
 
 def main(argv: list[str] | None = None) -> int:
