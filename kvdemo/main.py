@@ -101,6 +101,10 @@ def headless(runtime: Runtime, question: str) -> int:
             tok_s = f"{stats.decode_tok_s:.1f} tok/s" if stats.decode_tok_s else "n/a"
             print(f"\n{h.spec.label}: TTFT {stats.ttft_s:.3f} s, decode {tok_s}{tag}\n{text.strip()[:400]}",
                   flush=True)
+            if h.spec.lmcache:  # what LMCache did for this very request (kvdemo.telemetry)
+                record = await asyncio.to_thread(h.load_record, stats.request_id, 2.0)
+                print(f"  [{stats.request_id}] " + (record.summary() if record else "LMCache loaded nothing"),
+                      flush=True)
 
     asyncio.run(ask_all())
     if "lmcache" in ttfts and "plain" in ttfts and ttfts["lmcache"] > 0:

@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -22,9 +22,17 @@ from .errors import EngineError, UserFacingError
 from .kvstore import KvStore
 from .lmcache_config import LmcacheConfig
 from .precompute import PrecomputeProgress, PrecomputeRequest, precompute
-from .preflight import check_model, check_plugin_installed, check_port_free, choose_gpus, detect_gpus
+from .preflight import (
+    check_blending_architecture,
+    check_model,
+    check_plugin_installed,
+    check_port_free,
+    choose_gpus,
+    detect_gpus,
+)
 from .prompts import ChunkLibrary, PromptBuilder, load_tokenizer
 from .scenarios import get_scenario
+from .telemetry import LoadRecord, TelemetryReader
 from .upload_budget import UploadLedger
 
 log = logging.getLogger(__name__)
@@ -39,6 +47,7 @@ class EngineHandle:
     process: EngineProcess | None  # None when attached
     model_name: str | None = None
     startup_s: float | None = None
+    telemetry: TelemetryReader | None = field(default=None, repr=False)
 
     def client(self, timeout_s: float = 600.0) -> EngineClient:
         """A fresh client: openai's async client belongs to the event loop that uses it."""
@@ -50,6 +59,15 @@ class EngineHandle:
         if self.process is not None and self.process.proc is not None and not self.process.alive():
             return f"❌ stopped (exit {self.process.proc.returncode if self.process.proc else '?'})"
         return "✅ healthy" if self.model_name else "⏳ starting"
+
+    def load_record(self, request_id: str | None, wait_s: float = 0.5) -> LoadRecord | None:
+        """What LMCache loaded for the request sent as ``request_id`` (None: no LMCache engine of ours, or it
+        loaded nothing). Blocks up to ``wait_s``: call it off the event loop."""
+        if request_id is None or self.process is None or self.process.telemetry_dir is None:
+            return None
+        if self.telemetry is None:
+            self.telemetry = TelemetryReader(self.process.telemetry_dir)
+        return self.telemetry.find(request_id, wait_s)
 
     def error_with_log(self, message: str) -> EngineError:
         tail = self.process.log_tail() if self.process else ""
@@ -105,6 +123,8 @@ class Runtime:
             # vLLM loads kvdemo's plugin through its entry point; without it LMCache cannot blend, and
             # that would show only as an error in the engine's log, minutes after start.
             check_plugin_installed()
+            if self.lmcache_config.blending:
+                check_blending_architecture(s)
         if self.scenario.uses_kv_store and not s.attach:
             if s.clear_kv_store:
                 print(f"kvdemo: cleared {self.kv_store.clear() / 2**20:.0f} MiB from the KV store", flush=True)
