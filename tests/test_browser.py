@@ -209,7 +209,9 @@ def chart_points(page, series: str = "") -> list[tuple[int, float]]:
     return points
 
 
-REUSE = {"lmcache": re.compile(r"· ([\d,]+) of ([\d,]+) prompt tokens reused from LMCache \(SIMULATED\)$"),
+REUSE = {"lmcache": re.compile(r"· ([\d,]+) of ([\d,]+) prompt tokens reused from LMCache \(SIMULATED\)\n"
+                               r"🔎 LMCache reused \1 tokens, recomputed [\d,]+ \(\d+%\), computed [\d,]+ fresh · "
+                               r"[\d.]+ GB KV loaded, load \+ recompute \d+ ms GPU \(SIMULATED\)$"),
          "plain": re.compile(r"· ([\d,]+) of ([\d,]+) prompt tokens reused from vLLM's prefix cache \(SIMULATED\)$")}
 
 

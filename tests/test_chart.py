@@ -43,10 +43,20 @@ def test_reuse_not_reported_is_not_guessed(lmcache):
 
 
 def test_stats_line(builder):
+    from kvdemo.telemetry import LoadRecord
+
     sim = make_runtime(builder)
     line = stats_markdown(stats(17_900), sim, lmcache=True)
     assert line == ("TTFT **0.123 s** · decode 50 tok/s · **17,900** of 18,031 prompt tokens reused from LMCache "
-                    "(SIMULATED)")
+                    "(SIMULATED)  \n🔎 LMCache's record of this request did not arrive (see the engine log)")
+    load = LoadRecord(prompt_tokens=18_031, hit_tokens=17_950, vllm_prefix_tokens=0, loaded_tokens=17_900,
+                      kv_bytes_loaded=17_900 * 131_072, recomputed_tokens=2_692, load_gpu_ms=141.2,
+                      load_host_ms=None, path="blend", simulated=True)
+    assert stats_markdown(stats(17_900), sim, lmcache=True, load=load).endswith(
+        "  \n🔎 LMCache reused 17,900 tokens, recomputed 2,692 (15%), computed 81 fresh · 2.35 GB KV loaded, "
+        "load + recompute 141 ms GPU (SIMULATED)")
+    assert stats_markdown(stats(0), sim, lmcache=True).endswith("🔎 LMCache loaded nothing for this answer "
+                                                                 "(no stored chunk matched)")
     assert stats_markdown(stats(None), sim).endswith(" · 18,031 prompt tokens (reuse not reported) (SIMULATED)")
     assert stats_markdown(None, sim) == ""
     real = make_runtime(builder)

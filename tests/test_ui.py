@@ -68,7 +68,14 @@ def test_a_turn_streams_into_both_panes(ui):
         assert "[SIMULATED]" in chat[-1]["content"] and "TTFT" in chat[-1]["content"]
         assert stats.startswith("TTFT") and stats.endswith("(SIMULATED)")
     n_prompt = state.last_stats["plain"].prompt_tokens
-    assert re.search(rf"\*\*[\d,]+\*\* of {n_prompt:,} prompt tokens reused from LMCache \(SIMULATED\)$", stats_lm)
+    reuse_line, load_line = stats_lm.split("  \n")
+    assert re.search(rf"\*\*[\d,]+\*\* of {n_prompt:,} prompt tokens reused from LMCache \(SIMULATED\)$", reuse_line)
+    # What LMCache did for this very answer: the simulated engine's telemetry line for its request id.
+    load = state.last_loads["lmcache"]
+    assert load is not None and load.simulated and load.prompt_tokens == n_prompt
+    assert load.loaded_tokens == state.last_stats["lmcache"].cached_tokens
+    assert load_line == "🔎 " + load.summary() and "recomputed" in load_line and load_line.endswith("(SIMULATED)")
+    assert state.last_loads.get("plain") is None
     assert re.search(rf"\*\*[\d,]+\*\* of {n_prompt:,} prompt tokens reused from vLLM's prefix cache \(SIMULATED\)$",
                      stats_plain)
     # The chart: this turn's two answers, each once it has finished.

@@ -12,10 +12,13 @@
 # No `from __future__ import annotations` here: gr.api reads the endpoint's type hints to describe /ask in the
 # API page and the client, and needs them as real types, not strings.
 
+import dataclasses
+
 import gradio as gr
 
 from ..errors import UserFacingError
 from ..runtime import Runtime
+from ..telemetry import LoadRecord
 from .session import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_TEMPERATURE,
@@ -74,12 +77,20 @@ async def ask(runtime: Runtime, question: str, chunks: list[str] | None, sys_pro
             "decode_tok_s": ok.decode_tok_s if ok else None,
             "prompt_tokens": ok.prompt_tokens if ok else None,
             "cached_tokens": ok.cached_tokens if ok else None,
+            "lmcache_telemetry": _telemetry(reply.load) if ok and h.spec.lmcache else None,
             "error": reply.error.splitlines()[0] if reply.error else None,
         }
     out["speedup"] = speedup(stats)
     out["note"] = " ".join(notes)
     out["simulated"] = bool(runtime.settings.simulate)
     return out
+
+
+def _telemetry(load: LoadRecord | None) -> dict | None:
+    """The answer's LMCache record as plain JSON (kvdemo.telemetry.LoadRecord), with the page's one-line summary."""
+    if load is None:
+        return None
+    return {**dataclasses.asdict(load), "fresh_tokens": load.fresh_tokens, "summary": load.summary()}
 
 
 def _chunk_names(chunks) -> list[str]:
@@ -106,7 +117,7 @@ def register(runtime: Runtime) -> None:
             temperature: 0 to 2 (page default 0)
             max_tokens: tokens to generate, 1 to 2048 (page default 128)
         Returns:
-            dict: question, chunks, context_tokens, speedup (plain TTFT / LMCache TTFT or null), note, simulated, and per engine ("lmcache", "plain"): label, answer, ttft_s, decode_tok_s, prompt_tokens, cached_tokens, error
+            dict: question, chunks, context_tokens, speedup (plain TTFT / LMCache TTFT or null), note, simulated, and per engine ("lmcache", "plain"): label, answer, ttft_s, decode_tok_s, prompt_tokens, cached_tokens, lmcache_telemetry (LMCache engines: what LMCache loaded and recomputed for this answer, or null when it loaded nothing), error
         """
         try:
             return await ask(runtime, question, chunks, sys_prompt, temperature, max_tokens)

@@ -113,6 +113,7 @@ def prepare(runtime: Runtime, question, names, sys_prompt, temperature, max_toke
             {"role": "assistant", "content": "…"},
         ])
         state.last_stats.pop(key, None)
+        state.last_loads.pop(key, None)
     state.answers.clear()
     state.stopped.clear()
     state.temperature = turn.temperature
@@ -136,6 +137,7 @@ def record(runtime: Runtime, state: ChatState, turn: Turn, replies: dict[str, En
         history[-1] = {"role": "assistant", "content": reply_message(reply, runtime)}
         if reply.stats and not reply.error:
             state.last_stats[key] = reply.stats
+            state.last_loads[key] = reply.load
             if not reply.stopped:
                 state.add_point(key, reply.stats)
         if reply.stopped:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from ..client import RequestStats
 from ..runtime import Runtime
+from ..telemetry import LoadRecord
 from .session import ChatState, EngineReply, answer_agreement, speedup
 
 PANES = ("lmcache", "plain")  # the blend page's answer panes, in order
@@ -30,12 +31,25 @@ def reuse_text(stats: RequestStats, lmcache: bool) -> str:
     return f"**{stats.cached_tokens:,}** of {stats.prompt_tokens:,} prompt tokens reused from {source}"
 
 
-def stats_markdown(stats: RequestStats | None, runtime: Runtime, lmcache: bool = False) -> str:
+def stats_markdown(stats: RequestStats | None, runtime: Runtime, lmcache: bool = False,
+                   load: LoadRecord | None = None) -> str:
     if stats is None:
         return ""
     tok_s = f"{stats.decode_tok_s:.0f} tok/s" if stats.decode_tok_s else "n/a"
-    return (f"TTFT **{stats.ttft_s:.3f} s** · decode {tok_s} · {reuse_text(stats, lmcache)}"
+    line = (f"TTFT **{stats.ttft_s:.3f} s** · decode {tok_s} · {reuse_text(stats, lmcache)}"
             f"{simulated_label(runtime)}")
+    return line + (f"  \n{load_text(stats, runtime, load)}" if lmcache else "")
+
+
+def load_text(stats: RequestStats, runtime: Runtime, load: LoadRecord | None) -> str:
+    """What LMCache did for this answer, from the line its engine wrote for this request (kvdemo.telemetry)."""
+    if load is not None:
+        return "🔎 " + load.summary()
+    if runtime.settings.attach:
+        return "🔎 LMCache's per-request figures need engines kvdemo started (not --attach)"
+    if not stats.cached_tokens:
+        return "🔎 LMCache loaded nothing for this answer (no stored chunk matched)"
+    return "🔎 LMCache's record of this request did not arrive (see the engine log)"
 
 
 def stopped_text(tokens: int) -> str:
@@ -49,7 +63,7 @@ def pane_stats_markdown(state: ChatState, key: str, runtime: Runtime) -> str:
     if key in state.stopped:
         return f"**{stopped_text(state.stopped[key])}**{simulated_label(runtime)}"
     lmcache = any(h.spec.lmcache for h in runtime.engines if h.spec.key == key)
-    return stats_markdown(state.last_stats.get(key), runtime, lmcache)
+    return stats_markdown(state.last_stats.get(key), runtime, lmcache, state.last_loads.get(key))
 
 
 def speedup_markdown(state: ChatState, runtime: Runtime) -> str:

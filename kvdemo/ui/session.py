@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from ..client import Finished, RequestStats, TextDelta
 from ..errors import EngineError, UserFacingError
 from ..runtime import Runtime
+from ..telemetry import LoadRecord
 
 MAX_TEMPERATURE = 2.0
 DEFAULT_TEMPERATURE = 0.0
@@ -44,6 +45,7 @@ class EngineReply:
     done: bool = False
     tokens: int = 0  # completion tokens received so far
     stopped: bool = False  # the turn was stopped (its stream closed) before this engine finished answering
+    load: LoadRecord | None = None  # what LMCache loaded for this answer (its engine's telemetry line)
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class ChatState:
 
     histories: dict[str, list[dict]] = field(default_factory=dict)
     last_stats: dict[str, RequestStats] = field(default_factory=dict)
+    last_loads: dict[str, LoadRecord | None] = field(default_factory=dict)  # the last turn's LMCache telemetry
     pending: Turn | None = None
     streaming: bool = False  # a turn's answers are still arriving: no second turn until they are done
     answers: dict[str, str] = field(default_factory=dict)  # the last turn's answers that finished without error
@@ -78,6 +81,7 @@ class ChatState:
     def clear(self) -> None:
         self.histories.clear()
         self.last_stats.clear()
+        self.last_loads.clear()
         self.pending = None
         self.answers.clear()
         self.temperature = None
@@ -135,6 +139,14 @@ def _number(value, kind: type) -> float | int | None:
     return int(x) if kind is int else x
 
 
+async def answer_load(handle, stats: RequestStats) -> LoadRecord | None:
+    """The telemetry line the LMCache engine wrote for this answer (written before its first token; read
+    off the event loop). An answer that reused nothing has none: no wait then."""
+    if not handle.spec.lmcache or not stats.cached_tokens:
+        return None
+    return await asyncio.to_thread(handle.load_record, stats.request_id, 1.0)
+
+
 async def stream_turn(runtime: Runtime, turn: Turn,
                       replies: dict[str, EngineReply] | None = None) -> AsyncIterator[dict[str, EngineReply]]:
     """Yield every engine's reply so far, each time any of them advances.
@@ -164,6 +176,7 @@ async def stream_turn(runtime: Runtime, turn: Turn,
                         reply.tokens = event.tokens or reply.tokens + 1
                     elif isinstance(event, Finished):
                         reply.stats = event.stats
+                        reply.load = await answer_load(h, event.stats)
                     await queue.put(h.spec.key)
         except EngineError as exc:
             reply.error = exc.short if await _still_alive(h) else str(h.error_with_log(

@@ -12,13 +12,14 @@ import gradio as gr
 
 from ..errors import UserFacingError
 from ..runtime import DEFAULT_CONTEXT_TOKENS, Runtime
-from .labels import SIMULATED_BANNER, simulated_label
+from ..telemetry import LoadRecord
+from .labels import SIMULATED_BANNER, load_text, simulated_label
 from .session import Turn, stream_turn, validate_turn
 
 HOW_TO = ("**How to read it:** send the document to 🚀 LMCache **(A)** first — it computes the KV cache and stores "
           "it in the shared store — then to 🚀 LMCache **(B)**: B loads what A stored instead of computing it. "
           "The 🐢 plain engines cannot share: each computes everything itself (plain B after plain A stays slow).")
-TABLE_HEADERS = ["#", "engine", "context tokens", "TTFT (s)", "tokens reused"]
+TABLE_HEADERS = ["#", "engine", "context tokens", "TTFT (s)", "tokens reused", "LMCache load"]
 # Measured with real engines (benchmarks/results/share-redis-h100.json): worth saying before anyone waits for it.
 REDIS_NOTE = ("Measured with lmcache 0.5.3 on an H100 machine: LMCache's Redis connector loads KV at ~0.26 GB/s, so "
               "B after A took 6.8 s at 16K tokens where recomputing took 0.62 s. Sharing works, but on one machine "
@@ -36,6 +37,14 @@ class ShareSession:
     """One browser session's measurements, in the order they were made."""
 
     rows: list[list] = field(default_factory=list)
+
+
+def load_cell(load: LoadRecord | None) -> str:
+    """The table's LMCache column: KV bytes loaded and how long the load took (GPU time when measured)."""
+    if load is None or not load.kv_bytes_loaded:
+        return ""
+    ms = load.load_gpu_ms if load.load_gpu_ms is not None else load.load_host_ms
+    return f"{load.kv_bytes_loaded / 1e9:.2f} GB" + (f" in {ms:.0f} ms" if ms is not None else "")
 
 
 def build_share_ui(runtime: Runtime) -> gr.Blocks:
@@ -93,8 +102,12 @@ def build_share_ui(runtime: Runtime) -> gr.Blocks:
             return
         stats = reply.stats
         reused = stats.cached_tokens if stats.cached_tokens is not None else "n/a"
-        session.rows.append([len(session.rows) + 1, engine_label, stats.prompt_tokens, round(stats.ttft_s, 3), reused])
+        lmcache = any(h.spec.lmcache for h in runtime.engines if h.spec.label == engine_label)
+        session.rows.append([len(session.rows) + 1, engine_label, stats.prompt_tokens, round(stats.ttft_s, 3), reused,
+                             load_cell(reply.load)])
         note = f"{engine_label}: TTFT **{stats.ttft_s:.3f} s**{sim}"
+        if lmcache:  # what this engine loaded from its CPU cache or the shared store, for this request
+            note += "  \n" + load_text(stats, runtime, reply.load)
         yield note, reply.text, table(session), plot_rows(session), session
 
     def clear_store() -> str:
