@@ -129,10 +129,12 @@ for step in "$@"; do
       if grep -qv " exit 0$" "$TXT/models-rc.txt"; then rc=1; fi ;;
     page)
       # The blend page's upload -> ask path through its own handlers (scripts/page_check.py), real weights:
-      # README.md uploaded as the user's document; prints the panes' stats lines (🔎 = LMCache telemetry).
+      # vLLM's Apache-2.0 LICENSE uploaded as the user's document (.txt); prints the panes' stats lines
+      # (🔎 = LMCache telemetry).
       SMOL=${SMOL_DIR:-/tmp/smollm2-135m}
+      cp "$(ls /tmp/site/vllm-*.dist-info/licenses/LICENSE | head -1)" /tmp/apache-license.txt
       timeout ${PAGE_TIMEOUT:-300} python scripts/page_check.py --model "$SMOL" --max-model-len 8192 \
-        --engine-args "--enforce-eager" --log-dir "$logs" --upload README.md 2>&1 | tee "$TXT/page.txt" \
+        --engine-args "--enforce-eager" --log-dir "$logs" --upload /tmp/apache-license.txt 2>&1 | tee "$TXT/page.txt" \
         | grep -v " INFO "
       rc=$((rc | PIPESTATUS[0]))
       grep -hE "Reqid: cmpl-kvdemo|kvdemo telemetry" "$logs/lmcache.log" | tail -8

@@ -38,7 +38,7 @@ async def check(runtime: Runtime, upload: Path) -> int:
     shipped = list(runtime.library.chunks)[:1]
     names = [uploaded[0], *shipped, *uploaded[1:2]]  # uploaded and shipped, interleaved
     sys_prompt = runtime.library.sys_prompt
-    for question in (QUESTION, "Which of these texts mentions Python, and where?"):
+    for question in (QUESTION, "What does the uploaded text say about patents?"):
         _, notice, *_ = handlers.prepare(runtime, question, names, sys_prompt, 0.0, 64,
                                          [h.spec.label for h in runtime.engines], state, up)
         if notice:
