@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserFacingError
-from .scenarios import NAMES as SCENARIOS
-from .scenarios import get_scenario
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = "mistralai/Mistral-7B-Instruct-v0.2"
 SIM_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "sim_tokenizer"
 FAIRNESS_MODES = ("auto", "sequential", "concurrent")
+# The demo's scenarios, one module each in kvdemo/scenarios/ (which builds on this module, never the reverse).
+SCENARIO_NAMES = ("blend", "share")
 # Fraction of a GPU's memory that all engines on it may take together (vLLM's own default is 0.9).
 GPU_MEMORY_BUDGET = 0.9
 
@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Side-by-side demo of LMCache KV-cache reuse vs plain vLLM. "
         "Every flag can also be set as env KVDEMO_<FLAG> (e.g. KVDEMO_MODEL).",
     )
-    p.add_argument("--scenario", choices=SCENARIOS, default=_env("scenario", d.scenario),
+    p.add_argument("--scenario", choices=SCENARIO_NAMES, default=_env("scenario", d.scenario),
                    help="blend: LMCache vs plain vLLM on reordered chunks; share: a second LMCache engine reuses the KV "
                    "the first one stored")
     p.add_argument("--model", default=_env("model", d.model), help="Hub model id or local model directory")
@@ -219,21 +219,26 @@ def settings_from_args(a: argparse.Namespace) -> Settings:
     return s
 
 
+def check_scenario_name(name: str) -> None:
+    """An unknown scenario name (KVDEMO_SCENARIO: argparse checks a default against no choices) is a one-line
+    UserFacingError that lists the known ones."""
+    if name not in SCENARIO_NAMES:
+        raise UserFacingError(f"Unknown scenario {name!r} (KVDEMO_SCENARIO?): use one of {', '.join(SCENARIO_NAMES)}.")
+
+
 def validate(s: Settings) -> None:
-    """Checks that need no GPU and no network; each failure says what to change."""
+    """Checks that need no GPU and no network; each failure says what to change. (What needs the scenario
+    itself, e.g. enough --engine-ports for its engines, the runtime checks when it takes its scenario.)"""
     if s.max_model_len < 256:
         raise UserFacingError(f"--max-model-len {s.max_model_len} is too small; use at least 256.")
     if s.gpu_memory_utilization is not None and not 0.05 <= s.gpu_memory_utilization <= 0.98:
         raise UserFacingError("--gpu-memory-utilization must be between 0.05 and 0.98.")
     if len(set(s.engine_ports)) != len(s.engine_ports) or s.port in s.engine_ports:
         raise UserFacingError("--engine-ports and --port must all be different ports.")
-    scenario = get_scenario(s.scenario)  # an unknown name: says which ones there are
+    check_scenario_name(s.scenario)
     if s.fairness not in FAIRNESS_MODES:
         raise UserFacingError(f"Unknown fairness mode {s.fairness!r} (KVDEMO_FAIRNESS?): use one of "
                               f"{', '.join(FAIRNESS_MODES)}.")
-    if len(s.engine_ports) < scenario.n_engines:
-        raise UserFacingError(f"--engine-ports needs {scenario.n_engines} ports for the {s.scenario} scenario "
-                              "(LMCache engines first).")
     if s.upload_budget_gib is not None and s.upload_budget_gib < 0:
         raise UserFacingError("--upload-budget-gib must be 0 (no uploads) or more.")
     if s.sim_speed <= 0:

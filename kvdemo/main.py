@@ -114,9 +114,10 @@ def headless(runtime: Runtime, question: str) -> int:
 
 def serve_ui(runtime: Runtime) -> int:
     from .ui.app import launch_kwargs  # lazy: gradio is slow to import
+    from .ui.pages import build_page
 
     s: Settings = runtime.settings
-    demo = runtime.scenario.build_page(runtime)
+    demo = build_page(runtime)
     runtime.start_precompute()
     demo.queue(default_concurrency_limit=16, max_size=64)
     _, local_url, share_url = demo.launch(**launch_kwargs(s), prevent_thread_lock=True)

@@ -1,7 +1,7 @@
 """Answer-quality metrics of blending: 🚀's blended answer against 🐢's full prefill of the same token ids.
 
-Pure functions (no engines, no torch), so CI tests them directly; kvdemo.quality_bench runs them on the
-GPU against real weights.
+Pure functions (no engines, no torch), so CI tests them directly; kvdemo.bench.quality (``python -m kvdemo.bench
+--quality``) runs them on the GPU against real weights.
 
 - first-token KL: sum over the reference's top-k tokens of ``p * (log p - log q)`` with the raw log-probs
   both engines return (no renormalisation: renormalising one side adds about ``-log(top-k mass)``, ~0.13

@@ -11,12 +11,11 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import httpx
 
-from .client import EngineClient
 from .config import Settings
+from .engine_handle import EngineHandle
 from .engines import EngineProcess, EngineSpec, Watchdog
 from .errors import EngineError, UserFacingError
 from .kvstore import KvStore
@@ -32,7 +31,6 @@ from .preflight import (
 )
 from .prompts import ChunkLibrary, PromptBuilder, load_tokenizer
 from .scenarios import get_scenario
-from .telemetry import LoadRecord, TelemetryReader
 from .upload_budget import UploadLedger
 
 log = logging.getLogger(__name__)
@@ -41,44 +39,14 @@ log = logging.getLogger(__name__)
 DEFAULT_CONTEXT_TOKENS = 16_000
 
 
-@dataclass
-class EngineHandle:
-    spec: EngineSpec
-    process: EngineProcess | None  # None when attached
-    model_name: str | None = None
-    startup_s: float | None = None
-    telemetry: TelemetryReader | None = field(default=None, repr=False)
-
-    def client(self, timeout_s: float = 600.0) -> EngineClient:
-        """A fresh client: openai's async client belongs to the event loop that uses it."""
-        c = EngineClient(self.spec.url, self.spec.label, self.spec.key, timeout_s)
-        c._model = self.model_name
-        return c
-
-    def status(self) -> str:
-        if self.process is not None and self.process.proc is not None and not self.process.alive():
-            return f"❌ stopped (exit {self.process.proc.returncode if self.process.proc else '?'})"
-        return "✅ healthy" if self.model_name else "⏳ starting"
-
-    def load_record(self, request_id: str | None, wait_s: float = 0.5) -> LoadRecord | None:
-        """What LMCache loaded for the request sent as ``request_id`` (None: no LMCache engine of ours, or it
-        loaded nothing). Blocks up to ``wait_s``: call it off the event loop."""
-        if request_id is None or self.process is None or self.process.telemetry_dir is None:
-            return None
-        if self.telemetry is None:
-            self.telemetry = TelemetryReader(self.process.telemetry_dir)
-        return self.telemetry.find(request_id, wait_s)
-
-    def error_with_log(self, message: str) -> EngineError:
-        tail = self.process.log_tail() if self.process else ""
-        return EngineError(message, self.spec.key, tail)
-
-
 class Runtime:
     def __init__(self, settings: Settings, specs: list[EngineSpec] | None = None) -> None:
         """``specs``: run these engines instead of the scenario's (the quality benchmark's engine set)."""
         self.settings = settings
         self.scenario = get_scenario(settings.scenario)
+        if len(settings.engine_ports) < self.scenario.n_engines:  # before anything starts or --dry-run prints
+            raise UserFacingError(f"--engine-ports needs {self.scenario.n_engines} ports for the {settings.scenario} "
+                                  "scenario (LMCache engines first).")
         self._specs = specs
         self.library = ChunkLibrary.load(settings.data_dir)
         self.kv_store = KvStore.from_settings(settings.kv_store_dir, settings.kv_store)

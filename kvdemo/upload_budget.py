@@ -47,16 +47,33 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from .config import Settings
+from .engine_handle import EngineHandle
 from .errors import UserFacingError
 from .lmcache_config import LmcacheConfig
-
-if TYPE_CHECKING:
-    from .runtime import Runtime
+from .prompts import ChunkLibrary, PromptBuilder
 
 log = logging.getLogger(__name__)
+
+
+class RuntimeView(Protocol):
+    """What the upload budget reads of the runtime (kvdemo.runtime.Runtime, which holds the one ledger): the
+    settings, the shipped chunks and their prompts, and the 🚀 engine. Its ``lmcache_config`` too, once
+    started (read with getattr: before start, the yaml)."""
+
+    settings: Settings
+    library: ChunkLibrary
+    builder: PromptBuilder | None
+
+    @property
+    def max_model_len(self) -> int: ...
+
+    @property
+    def lmcache_engine(self) -> EngineHandle: ...
+
+    def precompute_prompts(self) -> list[list[int]]: ...
 
 GIB = 2**30
 # Mistral-7B (the default model): 2 (K and V) × 32 layers × 8 KV heads × 128 head dim × 2 bytes (bf16).
@@ -181,7 +198,7 @@ class UploadLedger:
         self._lock = threading.Lock()
 
     @classmethod
-    def for_runtime(cls, runtime: Runtime) -> UploadLedger:
+    def for_runtime(cls, runtime: RuntimeView) -> UploadLedger:
         """The ledger of a runtime's 🚀 engine: its LMCache CPU cache, the shipped chunks' precompute requests
         ([BOS]+sys, then [BOS]+SEP+chunk each: what precompute stored), the model's KV size."""
         s = runtime.settings
@@ -270,7 +287,7 @@ class UploadLedger:
 
 # ----- keeping the shipped chunks recent ------------------------------------------------------------------
 
-def refresh_requests(runtime: Runtime) -> list[list[int]]:
+def refresh_requests(runtime: RuntimeView) -> list[list[int]]:
     """Blended prompts over every shipped chunk (library order, as few as --max-model-len allows): each
     looks up, and so touches, the chunks' stored KV. The question is fixed; the answer is 1 token."""
     b = runtime.builder
@@ -286,7 +303,7 @@ def refresh_requests(runtime: Runtime) -> list[list[int]]:
     return [b.assemble(sys_ids, [b.chunk_ids(n) for n in g], question) for g in groups if g]
 
 
-async def refresh_shipped(runtime: Runtime) -> float:
+async def refresh_shipped(runtime: RuntimeView) -> float:
     """Make the shipped chunks LMCache's most recently used entries (see the module docstring); seconds taken.
 
     Sent with skip_save, like questions: nothing new is stored. Raises EngineError / UserFacingError.

@@ -8,6 +8,8 @@ import pytest
 from helpers import free_ports
 
 from kvdemo import bench
+from kvdemo.bench.cases import BLEND_CASES, CASES, SHARE_CASES, cases_for
+from kvdemo.config import SCENARIO_NAMES
 from kvdemo.errors import UserFacingError
 
 BLEND_CASE_KEYS = {"context_tokens", "n_chunks", "plain_cold_ttft_s", "plain_prefix_hit_ttft_s",
@@ -54,6 +56,14 @@ def test_share_bench_measures_b_after_a(tmp_path):
     # engine B's load lines travel with the result (one per request B answered from the shared store)
     assert any("Retrieved" in line and "shared store" in line and "SIMULATED" in line
                for line in written["b_load_log"])
+
+
+def test_every_scenario_has_its_protocol():
+    """The bench picks the protocol by scenario name (a scenario knows nothing of the bench)."""
+    assert tuple(CASES) == SCENARIO_NAMES
+    assert cases_for("blend") is BLEND_CASES and cases_for("share") is SHARE_CASES
+    with pytest.raises(UserFacingError, match="Unknown scenario 'nope'"):
+        cases_for("nope")
 
 
 def test_simulated_results_never_go_to_benchmarks_results():

@@ -12,6 +12,7 @@ import pytest
 from kvdemo.config import (
     DEFAULT_MODEL,
     REPO_ROOT,
+    SCENARIO_NAMES,
     SIM_TOKENIZER_DIR,
     GpuSlot,
     Settings,
@@ -19,6 +20,7 @@ from kvdemo.config import (
     plan_gpus,
 )
 from kvdemo.errors import UserFacingError
+from kvdemo.scenarios import SCENARIOS
 
 
 @pytest.fixture(autouse=True)
@@ -168,6 +170,18 @@ def test_invalid_combinations_are_user_facing_errors(argv, message):
     assert message in str(exc.value)
 
 
+def test_config_names_every_scenario():
+    """config checks --scenario by these names without importing the scenarios (they build on config)."""
+    assert tuple(SCENARIOS) == SCENARIO_NAMES
+    assert all(SCENARIOS[name].name == name for name in SCENARIO_NAMES)
+
+
+def test_unknown_scenario_from_env_is_a_user_facing_error(monkeypatch):
+    monkeypatch.setenv("KVDEMO_SCENARIO", "sharing")  # argparse checks no default against --scenario's choices
+    with pytest.raises(UserFacingError, match="Unknown scenario 'sharing'.*use one of blend, share"):
+        parse_settings([])
+
+
 @pytest.mark.parametrize("argv", [
     ["--gpus", "a,b"], ["--engine-ports", "80x"], ["--auth", "nocolon"], ["--auth", ":pw"],
     ["--scenario", "nope"], ["--fairness", "fast"], ["--port", "http"], ["--unknown-flag"],
@@ -206,3 +220,4 @@ def test_cli_mistakes_get_a_message_not_a_traceback(args, env, expected):
     assert r.returncode == 2, r.stdout
     assert "Traceback" not in r.stderr, r.stderr[-1500:]
     assert expected in r.stderr
+    assert r.stdout == ""  # refused before --dry-run prints anything

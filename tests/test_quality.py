@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from helpers import REPO_ROOT, free_ports
 
-from kvdemo import bench, quality, quality_bench
+from kvdemo import bench, quality
+from kvdemo.bench import quality as quality_bench
 from kvdemo.errors import UserFacingError
 from kvdemo.prompts import ChunkLibrary
 

@@ -113,8 +113,8 @@ def test_simulated_lmcache_engines_share_the_store_dir(tmp_path):
 
 
 def test_share_needs_four_ports():
-    with pytest.raises(UserFacingError, match="4 ports"):
-        parse_settings(["--scenario", "share", "--engine-ports", "8000,8001"])
+    with pytest.raises(UserFacingError, match="4 ports"):  # the runtime checks it as it takes its scenario
+        Runtime(parse_settings(["--scenario", "share", "--engine-ports", "8000,8001"]))
 
 
 def test_dry_run_prints_the_four_engine_plan(tmp_path):

@@ -13,12 +13,14 @@ import pandas as pd
 import pytest
 from conftest import LABELS, make_runtime
 
-from kvdemo.config import Settings
+from kvdemo.config import SCENARIO_NAMES, Settings
 from kvdemo.ui.app import build_ui, sharing_warning
 from kvdemo.ui.chart import drawn
 from kvdemo.ui.handlers import clear, context_info, prepare, stop, stream
 from kvdemo.ui.labels import agreement_markdown, mode_markdown
+from kvdemo.ui.pages import PAGES
 from kvdemo.ui.session import ChatState
+from kvdemo.ui.share_app import build_share_ui
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +30,12 @@ def ui(builder, sim_engines):
     events = {f.name for f in build_ui(runtime).fns.values()}
     assert {"prepare", "stream", "stop", "clear", "context_info"} <= events
     return runtime
+
+
+def test_every_scenario_has_its_page():
+    """The UI picks the page by scenario name (a scenario knows nothing of the UI)."""
+    assert tuple(PAGES) == SCENARIO_NAMES
+    assert PAGES["blend"] is build_ui and PAGES["share"] is build_share_ui
 
 
 def ask(runtime, state: ChatState, question: str, max_tokens: int = 24, temperature: float = 0.0,

@@ -7,9 +7,11 @@ For each context size and repeat, fresh chunk text (a unique nonce at the start 
 nothing is cached by accident; requests go one at a time, in the order of the scenario's protocol (cases.py).
 Blended questions are sent with `lmcache.skip_save` (they are not chunks worth keeping), exactly as the UI
 does. Writes benchmarks/results/<scenario>-<gpu>.json and a PNG plot (plot needs matplotlib; `--plot-only
-FILE.json` redraws it on another machine). `--quality` runs the quality case instead (kvdemo/quality_bench.py).
+FILE.json` redraws it on another machine). `--quality` runs the quality case instead (quality.py).
 
-The steps, one module each: cli.py parses the flags into a BenchJob, measure.py runs it, write.py writes it.
+The steps, one module each: cli.py parses the flags into a BenchJob (job.py), measure.py runs it with the
+scenario's protocol (cases.py), write.py writes it and draws it (plots.py). Each module imports the ones it
+builds on, never this package's face: these re-exports are for callers outside the package.
 """
 
 from .cases import (
@@ -25,9 +27,11 @@ from .cases import (
     summarize_share,
     synthetic_chunks,
 )
-from .cli import BenchJob, build_bench_parser, main, parse, run, token_counts
+from .cli import build_bench_parser, main, parse, run
+from .job import BenchJob, token_counts
 from .measure import Measured, evidence, measure, versions
-from .write import gpu_slug, layout_text, plot, write
+from .plots import layout_text
+from .write import gpu_slug, plot, write
 
 __all__ = [
     "CHUNKS_PER_PROMPT", "SHARE_TTFT_KEYS", "TTFT_KEYS", "BenchJob", "Measured", "b_load_log", "build_bench_parser",

@@ -7,7 +7,8 @@ Blend (per repeat, fresh chunk text, requests one at a time):
 
 Share: LMCache A (stores) → LMCache B (loads what A stored) → plain A → plain B, one fresh document.
 
-Each scenario names its protocol (``Scenario.bench_cases()``): BLEND_CASES and SHARE_CASES below.
+A scenario's protocol is a `BenchCases`: BLEND_CASES and SHARE_CASES below, found by scenario name with
+`cases_for` (the bench knows the scenarios; a scenario knows nothing of the bench).
 """
 
 from __future__ import annotations
@@ -16,14 +17,18 @@ import asyncio
 import json
 import statistics
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..client import EngineClient, RequestStats
+from ..config import check_scenario_name
+from ..engine_handle import EngineHandle
 from ..errors import UserFacingError
 from ..prompts import PromptBuilder
-from ..runtime import EngineHandle, Runtime
-from ..scenarios.base import BenchCases
-from .write import plot_blend, plot_share
+from ..runtime import Runtime
+from .plots import plot_blend, plot_share
 
 CHUNKS_PER_PROMPT = 8
 TTFT_KEYS = ("plain_cold_ttft_s", "plain_prefix_hit_ttft_s", "plain_reordered_ttft_s", "blend_cold_ttft_s",
@@ -32,6 +37,24 @@ SHARE_TTFT_KEYS = ("a_cold_ttft_s", "b_after_a_ttft_s", "plain_a_ttft_s", "plain
 TRACE_PRINT_KEYS = ("untraced_ttft_s", "cpu_blend_ms", "gpu_span_ms", "kernel_busy_ms", "h2d_copy_busy_ms",
                     "h2d_overlapped_with_kernels_ms", "gpu_idle_ms")
 B_LOAD_PATTERNS = ("Retrieved", "kvdemo pipeline:")
+
+
+def _no_fields(runtime: Runtime) -> dict:
+    return {}
+
+
+@dataclass(frozen=True)
+class BenchCases:
+    """A scenario's TTFT benchmark protocol; kvdemo.bench runs it for each context size and repeat."""
+
+    repeat: Callable[[Runtime, int, int, str], Awaitable[dict]]  # (runtime, context, decode tokens, tag) → repeat
+    summarize: Callable[[int, list[dict]], dict]  # (context target, repeats) → one case of the result
+    ttft_keys: tuple[str, ...]  # of a repeat, printed after each one
+    requests: str  # how the requests are sent (after "one at a time; " in the result file)
+    case_line: Callable[[dict], str]  # one case of the result, for the terminal
+    plot: Callable[[dict, Path, Any], None]  # (result, png, matplotlib.pyplot): the result's figure
+    extra_fields: Callable[[Runtime], dict] = field(default=_no_fields)  # more result fields, after the evidence
+    traceable: bool = False  # --trace-contexts can trace the LMCache engine's blend
 
 
 def synthetic_chunks(builder: PromptBuilder, n: int, tokens_each: int, tag: str) -> list[list[int]]:
@@ -209,3 +232,10 @@ SHARE_CASES = BenchCases(repeat=run_share_repeat, summarize=summarize_share, ttf
                          requests="LMCache engines store every request (A stores, B loads)",
                          case_line=share_case_line, plot=plot_share,
                          extra_fields=lambda runtime: {"b_load_log": b_load_log(runtime)})
+CASES = {"blend": BLEND_CASES, "share": SHARE_CASES}  # scenario name → the protocol it is measured by
+
+
+def cases_for(scenario: str) -> BenchCases:
+    """The protocol ``python -m kvdemo.bench --scenario NAME`` measures; an unknown name is a UserFacingError."""
+    check_scenario_name(scenario)
+    return CASES[scenario]

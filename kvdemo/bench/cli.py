@@ -1,4 +1,5 @@
-"""``python -m kvdemo.bench``: the app's flags plus the benchmark's; parse → measure → write."""
+"""``python -m kvdemo.bench``: the app's flags plus the benchmark's; parse (into a job.py BenchJob) → measure →
+write, or the quality case (quality.py)."""
 
 from __future__ import annotations
 
@@ -7,47 +8,19 @@ import logging
 import shlex
 import signal
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import REPO_ROOT, Settings, build_parser, settings_from_args
 from ..errors import UserFacingError
-from ..quality_bench import add_quality_flags, quoted_argv, run_quality
-from ..scenarios import get_scenario
-from ..scenarios.base import BenchCases
 from ..signals import raise_system_exit
+from .cases import cases_for
+from .job import BenchJob, token_counts
 from .measure import measure
+from .quality import add_quality_flags, quoted_argv, run_quality
 from .write import redraw, write
 
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 APP_QUESTION = "Which section explains name binding?"  # the headless question answered before the cases
-
-
-@dataclass(frozen=True)
-class BenchJob:
-    """One TTFT benchmark run, as the flags asked for it (checked)."""
-
-    settings: Settings
-    cases: BenchCases  # the scenario's protocol
-    contexts: list[int]
-    trace_contexts: list[int]
-    repeats: int
-    decode_tokens: int
-    skip_app_question: bool
-    out: Path
-    name: str | None  # result file stem (default: the scenario)
-    command: str  # how to run it again, for the result file
-
-
-def token_counts(flag: str, text: str) -> list[int]:
-    """``4000,8000`` → [4000, 8000]; anything else is a one-line error naming the flag."""
-    try:
-        values = [int(x) for x in text.split(",")]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise UserFacingError(f"{flag} takes token counts separated by commas, e.g. 8000,16000 (got {text!r}).")
-    return values
 
 
 def build_bench_parser() -> argparse.ArgumentParser:
@@ -80,7 +53,7 @@ def parse(a: argparse.Namespace, settings: Settings, argv: list[str] | None) -> 
         raise UserFacingError(f"--contexts up to {max(contexts)} + {a.decode_tokens} decode tokens exceed "
                               f"--max-model-len {settings.max_model_len}.")
     trace_contexts = token_counts("--trace-contexts", a.trace_contexts) if a.trace_contexts.strip() else []
-    cases = get_scenario(settings.scenario).bench_cases()
+    cases = cases_for(settings.scenario)
     if trace_contexts and (settings.simulate or not cases.traceable):
         raise UserFacingError("--trace-contexts traces the real LMCache engine's blend: blend scenario, no --simulate.")
     return BenchJob(settings=settings, cases=cases, contexts=contexts, trace_contexts=trace_contexts,
@@ -91,7 +64,7 @@ def parse(a: argparse.Namespace, settings: Settings, argv: list[str] | None) -> 
 
 def run(argv: list[str] | None = None) -> dict:
     """The benchmark: parse → measure → write; returns the result. --plot-only redraws a result's PNG;
-    --quality runs the quality case instead (quality_bench.py)."""
+    --quality runs the quality case instead (quality.py)."""
     a = build_bench_parser().parse_args(argv)
     if a.plot_only:
         return redraw(a.plot_only)

@@ -10,15 +10,12 @@ import uuid
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..main import headless
 from ..preflight import detect_gpus
 from ..runtime import Runtime
 from .cases import TRACE_PRINT_KEYS, engine_log_lines, run_trace
-
-if TYPE_CHECKING:
-    from .cli import BenchJob
+from .job import BenchJob
 
 EVIDENCE_PATTERNS = ("Registering vllm model", "Creating blender", "kvdemo plugin: applied", "LMCache hit tokens",
                      "Number of indices picked", "Retrieved", "kvdemo-profile")

@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from ..config import Settings, plan_gpus
+from ..engine_handle import EngineHandle
 from ..engines import EngineSpec
-from .base import BenchCases, PrecomputePlan, Scenario
-
-if TYPE_CHECKING:
-    import gradio as gr
-
-    from ..kvstore import KvStore
-    from ..runtime import EngineHandle, Runtime
+from ..kvstore import KvStore
+from .base import PrecomputePlan, RuntimeView, Scenario
 
 LMCACHE_LABEL = "🚀 vLLM + LMCache"
 PLAIN_LABEL = "🐢 plain vLLM"
@@ -37,7 +31,7 @@ class BlendScenario(Scenario):
                        slot=slots[1], url_override=attach[1] if len(attach) > 1 else None, **common),
         ]
 
-    def precompute_plan(self, runtime: Runtime) -> PrecomputePlan:
+    def precompute_plan(self, runtime: RuntimeView) -> PrecomputePlan:
         """Store every chunk's KV (and the system prompt's) in the LMCache engine, then warm each engine up."""
         segments = runtime.precompute_prompts()
         requests = [(runtime.lmcache_engine, ids, False) for ids in segments]
@@ -51,16 +45,6 @@ class BlendScenario(Scenario):
     def restart_redoes_precompute(self, handle: EngineHandle) -> bool:
         """The LMCache engine's chunk caches died with it."""
         return handle.spec.lmcache
-
-    def build_page(self, runtime: Runtime) -> gr.Blocks:
-        from ..ui.app import build_ui  # lazy: the UI imports the runtime, which imports the scenarios
-
-        return build_ui(runtime)
-
-    def bench_cases(self) -> BenchCases:
-        from ..bench.cases import BLEND_CASES  # lazy: the bench imports the runtime
-
-        return BLEND_CASES
 
 
 SCENARIO = BlendScenario()

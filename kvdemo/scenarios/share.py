@@ -3,17 +3,11 @@ vLLM engines next to them for comparison."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from ..config import Settings, plan_gpus
+from ..engine_handle import EngineHandle
 from ..engines import EngineSpec
-from .base import BenchCases, PrecomputePlan, Scenario
-
-if TYPE_CHECKING:
-    import gradio as gr
-
-    from ..kvstore import KvStore
-    from ..runtime import EngineHandle, Runtime
+from ..kvstore import KvStore
+from .base import PrecomputePlan, RuntimeView, Scenario
 
 ENGINES = (  # key, label, lmcache
     ("lmcache_a", "🚀 vLLM + LMCache (A)", True),
@@ -47,7 +41,7 @@ class ShareScenario(Scenario):
                 url_override=attach[i] if i < len(attach) else None))
         return specs
 
-    def precompute_plan(self, runtime: Runtime) -> PrecomputePlan:
+    def precompute_plan(self, runtime: RuntimeView) -> PrecomputePlan:
         """Preheat every engine once: nothing a question could reuse is cached (A must store it, B load it)."""
         return PrecomputePlan("preheat", [(h, runtime.preheat_prompt(h), False) for h in runtime.engines])
 
@@ -58,17 +52,6 @@ class ShareScenario(Scenario):
     def restart_redoes_precompute(self, handle: EngineHandle) -> bool:
         """The preheat cached nothing that a restarted engine lacks."""
         return False
-
-    def build_page(self, runtime: Runtime) -> gr.Blocks:
-        # lazy: the UI imports the runtime, which imports the scenarios
-        from ..ui.share_app import build_share_ui
-
-        return build_share_ui(runtime)
-
-    def bench_cases(self) -> BenchCases:
-        from ..bench.cases import SHARE_CASES  # lazy: the bench imports the runtime
-
-        return SHARE_CASES
 
 
 SCENARIO = ShareScenario()

@@ -33,16 +33,21 @@ from pathlib import Path
 
 import yaml
 
-from . import quality as qm
-from .client import EngineClient
-from .config import REPO_ROOT, Settings, plan_gpus
-from .engines import EngineSpec
-from .errors import UserFacingError
-from .precompute import PrecomputeProgress, PrecomputeRequest, precompute
-from .preflight import choose_gpus, detect_gpus
-from .runtime import EngineHandle, Runtime
-from .scenarios.blend import PLAIN_LABEL
-from .vllm_plugin import ALL_FIXES, ANSWER_FIXES, REQUIRED_FIXES
+from .. import quality as qm
+from ..client import EngineClient
+from ..config import REPO_ROOT, Settings, plan_gpus
+from ..engine_handle import EngineHandle
+from ..engines import EngineSpec
+from ..errors import UserFacingError
+from ..precompute import PrecomputeProgress, PrecomputeRequest, precompute
+from ..preflight import choose_gpus, detect_gpus
+from ..runtime import Runtime
+from ..scenarios.blend import PLAIN_LABEL
+from ..vllm_plugin import ALL_FIXES, ANSWER_FIXES, REQUIRED_FIXES
+from .cases import engine_log_lines
+from .job import token_counts
+from .measure import versions
+from .write import gpu_slug
 
 log = logging.getLogger(__name__)
 
@@ -219,8 +224,6 @@ def precompute_all(lmcache_engines: list[EngineHandle], library_prompts: list[li
 
 def run_quality(a, settings: Settings, argv_text: str) -> dict:
     """Start the engines, measure, write JSON(s) + PNG; returns the headline result."""
-    from .bench import gpu_slug, token_counts, versions
-
     ratios = parse_ratios("--ratios", a.ratios)
     eq_ratios = parse_ratios("--equivalence-ratios", a.equivalence_ratios) if a.equivalence_ratios.strip() else []
     variants = plan_variants(ratios, a.baseline_fixes or None, eq_ratios)
@@ -356,8 +359,6 @@ def _fix_equivalence(variants: list[Variant], answers: dict[str, list[Answer]], 
 
 def _evidence(runtime: Runtime, per_pattern: int = 2) -> dict[str, list[str]]:
     """Log lines that show what each 🚀 engine did (plugin fixes applied, blends, the exact mask in use)."""
-    from .bench import engine_log_lines
-
     patterns = ("kvdemo plugin: applied", "kvdemo plugin: mask", "LMCache hit tokens", "Number of indices picked",
                 "Retrieved", "WARNING kvdemo")
     out = {}
