@@ -11,7 +11,8 @@
 # redis-server redis-tools libjemalloc2 liblzf1): they are unpacked under /tmp/redis-root, not into /.
 # Env overrides: ENGINE_ARGS, BENCH_ARGS (extra flags of the bench step,
 # e.g. "--name blend-r005 --lmcache-config .gpu/r005.yaml --contexts 16000,24000"), SHARE_ARGS, APP_ARGS,
-# QUALITY_ARGS, ORACLE_ARGS.
+# QUALITY_ARGS, QUALITY_BASELINE (default "--baseline-fixes all,-mask"; empty: no baseline sweep), ORACLE_ARGS,
+# PAGE_ARGS.
 # oracle: kvdemo.blend_oracle, the torch reference of LMCache's CacheBlend on the quality prompts (same SmolLM2 dir).
 # Result JSONs come back as files; logs and text output are packed into $OUT/logs-<steps>.tar.gz.
 set -uo pipefail
@@ -81,8 +82,8 @@ for step in "$@"; do
         python -m kvdemo.models smollm2 "$SMOL" $GGUF_ARG 2>&1 | tail -2
       fi
       timeout ${QUALITY_TIMEOUT:-1500} python -m kvdemo.bench --quality --model "$SMOL" --max-model-len 8192 \
-        --engine-args "${ENGINE_ARGS-"--max-num-seqs 8"}" --log-dir "$logs" --baseline-fixes all,-mask \
-        ${QUALITY_ARGS:-} 2>&1 | tee "$TXT/quality.txt" | grep -v " INFO "
+        --engine-args "${ENGINE_ARGS-"--max-num-seqs 8"}" --log-dir "$logs" \
+        ${QUALITY_BASELINE---baseline-fixes all,-mask} ${QUALITY_ARGS:-} 2>&1 | tee "$TXT/quality.txt" | grep -v " INFO "
       rc=$((rc | PIPESTATUS[0]))
       keep_logs quality "$logs" "plain r0.15 r0.15-baseline r0.15-minimal r1" ;;
     oracle)
@@ -99,7 +100,7 @@ for step in "$@"; do
         | tee "$TXT/oracle.txt" | grep -v "Loading weights"
       rc=$((rc | PIPESTATUS[0])) ;;
     models)
-      # One blended question per architecture LMCache can blend, two apps at a time on the one GPU (eager,
+      # One blended question per architecture LMCache can blend, four apps at once on the one GPU (eager,
       # 2 GiB of KV each): Llama = SmolLM2 real weights, Mistral/Qwen2/Qwen3 = dummy weights in real shapes
       # (scripts/make_dummy_model.py --arch ...). Each app prints its 🚀 answer's telemetry line; the engine
       # log has LMCache's "Creating blender" and "Reqid ... LMCache hit tokens" lines for the same request.
@@ -116,9 +117,9 @@ for step in "$@"; do
         echo "$1 exit $?" >> "$TXT/models-rc.txt"
       }
       run_model llama-smollm2 "$SMOL" "--enforce-eager" 0 & run_model qwen2 .gpu/qwen2-dummy \
-        "--load-format dummy --enforce-eager" 1 & wait
-      run_model mistral .gpu/mistral7b-dummy "--load-format dummy --enforce-eager" 2 & run_model qwen3 \
-        .gpu/qwen3-dummy "--load-format dummy --enforce-eager" 3 & wait
+        "--load-format dummy --enforce-eager" 1 & run_model mistral .gpu/mistral7b-dummy \
+        "--load-format dummy --enforce-eager" 2 & run_model qwen3 .gpu/qwen3-dummy "--load-format dummy --enforce-eager" 3 &
+      wait
       cat "$TXT/models-rc.txt"
       for name in llama-smollm2 qwen2 mistral qwen3; do
         echo "== $name"; grep -v " INFO " "$TXT/models-$name.txt" | grep -E "kvdemo:|TTFT|\[kvdemo-|Error|error" | head -12
@@ -134,7 +135,8 @@ for step in "$@"; do
       SMOL=${SMOL_DIR:-/tmp/smollm2-135m}
       cp "$(ls /tmp/site/vllm-*.dist-info/licenses/LICENSE | head -1)" /tmp/apache-license.txt
       timeout ${PAGE_TIMEOUT:-300} python scripts/page_check.py --model "$SMOL" --max-model-len 8192 \
-        --engine-args "--enforce-eager" --log-dir "$logs" --upload /tmp/apache-license.txt 2>&1 | tee "$TXT/page.txt" \
+        --engine-args "--enforce-eager" --log-dir "$logs" --upload /tmp/apache-license.txt ${PAGE_ARGS:-} 2>&1 \
+        | tee "$TXT/page.txt" \
         | grep -v " INFO "
       rc=$((rc | PIPESTATUS[0]))
       grep -hE "Reqid: cmpl-kvdemo|kvdemo telemetry" "$logs/lmcache.log" | tail -8
