@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,9 +191,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Flags whose value is itself a command line: `--engine-args "--enforce-eager"` is one value, not a flag.
+PASS_THROUGH_FLAGS: tuple[str, ...] = ("--engine-args",)
+
+
+def with_pass_through_values(argv: list[str] | None) -> list[str]:
+    """``--engine-args --enforce-eager`` → ``--engine-args=--enforce-eager``.
+
+    WHY: argparse takes a value that starts with "-" and has no space for a flag of its own, so a single
+    vLLM flag given to --engine-args failed with "expected one argument" (found on the GPU machine).
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        if args[i] in PASS_THROUGH_FLAGS and i + 1 < len(args):
+            out.append(f"{args[i]}={args[i + 1]}")
+            i += 2
+        else:
+            out.append(args[i])
+            i += 1
+    return out
+
+
 def parse_settings(argv: list[str] | None = None) -> Settings:
     """Flags (then env, then defaults) → Settings. Invalid combinations raise UserFacingError."""
-    return settings_from_args(build_parser().parse_args(argv))
+    return settings_from_args(build_parser().parse_args(with_pass_through_values(argv)))
 
 
 def settings_from_args(a: argparse.Namespace) -> Settings:

@@ -221,3 +221,21 @@ def test_cli_mistakes_get_a_message_not_a_traceback(args, env, expected):
     assert "Traceback" not in r.stderr, r.stderr[-1500:]
     assert expected in r.stderr
     assert r.stdout == ""  # refused before --dry-run prints anything
+
+
+@pytest.mark.parametrize("argv", [["--engine-args", "--enforce-eager"], ["--engine-args=--enforce-eager"]])
+def test_engine_args_may_be_a_single_vllm_flag(argv):
+    """`--engine-args "--enforce-eager"`: one value (argparse alone took it for a flag: "expected one argument")."""
+    s = parse_settings(["--simulate", *argv, "--port", "7861"])
+    assert s.engine_args == ["--enforce-eager"] and s.port == 7861
+
+
+def test_engine_args_single_flag_in_bench_and_offline():
+    from kvdemo.bench.cli import build_bench_parser
+    from kvdemo.config import with_pass_through_values
+    from kvdemo.offline.cli import build_parser as offline_parser
+
+    argv = with_pass_through_values(["--model", "m", "--engine-args", "--enforce-eager"])
+    assert build_bench_parser().parse_args(argv).engine_args == "--enforce-eager"
+    offline = offline_parser().parse_args([*argv, "--chunks", "a.txt", "--question", "q"])
+    assert offline.engine_args == "--enforce-eager"

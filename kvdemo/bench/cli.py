@@ -10,7 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
-from ..config import REPO_ROOT, Settings, build_parser, settings_from_args
+from ..config import REPO_ROOT, Settings, build_parser, settings_from_args, with_pass_through_values
 from ..errors import UserFacingError
 from ..signals import raise_system_exit
 from .cases import cases_for
@@ -65,7 +65,7 @@ def parse(a: argparse.Namespace, settings: Settings, argv: list[str] | None) -> 
 def run(argv: list[str] | None = None) -> dict:
     """The benchmark: parse → measure → write; returns the result. --plot-only redraws a result's PNG;
     --quality runs the quality case instead (quality.py)."""
-    a = build_bench_parser().parse_args(argv)
+    a = build_bench_parser().parse_args(with_pass_through_values(argv))
     if a.plot_only:
         return redraw(a.plot_only)
     a.no_ui, a.ask = True, a.ask or APP_QUESTION

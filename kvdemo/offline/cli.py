@@ -18,7 +18,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..config import DEFAULT_MODEL
+from ..config import DEFAULT_MODEL, with_pass_through_values
 from ..errors import UserFacingError
 from ..signals import raise_system_exit
 from .bench import measure, print_report, result_record, write_output
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:  # not the main thread
         previous = None
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser().parse_args(with_pass_through_values(argv))
         return run(args)
     except UserFacingError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr, flush=True)
