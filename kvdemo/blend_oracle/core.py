@@ -80,8 +80,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import quality as qm
-from .config import REPO_ROOT
+from .. import quality as qm
+from ..config import REPO_ROOT
 
 DEFAULT_RATIOS = "0,0.02,0.15,0.3,0.5,1.0"
 VARIANTS = ("exact", "bottom_right", "gaps", "oracle")
@@ -147,8 +147,8 @@ def blend_layout(bos: Sequence[int], sys_ids: Sequence[int], chunks: Sequence[Se
 def harness_prompts(tokenizer, n: int, seed: int = 0, questions: Path = QUESTIONS_FILE,
                     data_dir: Path = REPO_ROOT / "data", lmcache_config: Path = BLEND_CONFIG) -> list[BlendPrompt]:
     """The quality harness's first n prompts (same sampling, seed and bounds as kvdemo.bench.quality.run_quality)."""
-    from .lmcache_config import LmcacheConfig
-    from .prompts import ChunkLibrary, PromptBuilder
+    from ..lmcache_config import LmcacheConfig
+    from ..prompts import ChunkLibrary, PromptBuilder
 
     library = ChunkLibrary.load(data_dir)
     builder = PromptBuilder(tokenizer, library, separator=LmcacheConfig.load(lmcache_config).separator)
@@ -652,7 +652,7 @@ def engine_numbers() -> dict[str, Any]:
 
 def check_layers(config_path: Path) -> int:
     """The (single) blend check layer of the LMCache yaml the engines use."""
-    from .preflight import check_lmcache_config
+    from ..preflight import check_lmcache_config
 
     layers = check_lmcache_config(config_path).get("blend_check_layers") or [1]
     if len(layers) != 1:
@@ -747,6 +747,3 @@ def main(argv: list[str] | None = None) -> int:
     run(a, shlex.join(sys.argv[1:] if argv is None else argv), log=lambda s: print(s, flush=True))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
