@@ -1,28 +1,85 @@
-"""kvdemo.blend_oracle: an exact torch reference of LMCache 0.5.3's CacheBlend (core.py documents it)."""
+"""An independent, exact reference of LMCache 0.5.3's CacheBlend in plain torch, on the quality harness's prompts.
 
+    python -m kvdemo.blend_oracle --model DIR [--device cpu|cuda] [--dtype float32|bfloat16] [--prompts N]
+        [--ratios 0,0.02,0.15,0.3,0.5,1.0] [--variants exact,bottom_right,gaps,oracle] --out FILE.json
+
+WHY (issue #19): blended answers of SmolLM2-135M drift from the full prefill at low recompute ratios (first-token
+KL 0.032 at ratio 0.15 with the exact mask, 0.0055 at 1.0). Either that is what CacheBlend does on this model
+(the ~85 % reused tokens keep KV computed without attention to the chunks before them), or the engine computes
+something else than the algorithm. This package computes the algorithm itself, layer by layer with the HF
+model's own modules (no vLLM, no LMCache, no FlashAttention), on the same token ids, and scores it with the
+harness's own metric (kvdemo.quality), so its numbers can be laid next to the engine's.
+
+Variants computed here (per ratio; all share the prompt's full prefill, stored KV and the layers before the
+check layer):
+
+* ``exact``: LMCache's selection and zero gaps, the exact causal mask (the engine with all kvdemo fixes);
+* ``bottom_right``: the same with LMCache's own bottom-right mask (the engine with ``all,-mask``);
+* ``gaps``: ``exact`` + the gap (SEP) tokens always recomputed and never zero (layer 0 included): what a
+  blender that keeps the separators' KV would give; isolates LMCache's gap zeroing;
+* ``oracle``: ``exact`` infrastructure, but the recomputed tokens are the ones whose loaded KV deviates most
+  from the full prefill's (K and V, summed over layers, each layer normalised by its mean squared KV norm):
+  the best this recompute budget can do with a better selection rule.
+
+Ratio 0 is not an LMCache setting (0.5.3 would pick one token): here it means no token is recomputed from the
+check layer on. At ratio 1.0 every variant selects all ``T`` tokens (masks coincide), so only ``exact`` and
+``gaps`` are computed; ``gaps`` at 1.0 must equal the full prefill (the oracle's self-check), ``exact`` at
+1.0 differs from it only through the zero gaps at layer 0.
+
+Metrics (kvdemo.quality, as the engine harness): first-token KL over the full prefill's top-20 raw log-probs
+(both sides top-20), identical prefix of 32 greedy tokens, 95 % bootstrap intervals over prompts. Prompts:
+the harness's (kvdemo.quality.sample_prompts with its seed, context bounds and token overhead), so prompt i
+here is prompt i of ``python -m kvdemo.bench --quality``. torch and transformers are imported inside the
+functions that use them (CI has no torch).
+
+Cost: the full prefill and each stored chunk are computed once per prompt and shared by all variants, answers
+of up to ``--rows`` variants decode as one batch. 40 prompts × 20 variants took ~135 s on an H200 (fp32) and
+6 prompts ~40 min on 2 shared CPU cores.
+
+The steps, one module each: settings.py (the harness's settings), layout.py (the harness's prompts as LMCache
+blends them), llama.py (the HF Llama forward written out module by module), core.py (stored KV, loading, the
+check layer, the selections, masks and the blend: what LMCache 0.5.3 does, documented there), variants.py (the
+variants per ratio), evaluate.py (one prompt: full prefill, every variant's blend, answers scored),
+metrics.py (aggregation over prompts, paired differences, the table), runner.py (the whole run and its JSON),
+cli.py (the flags). Each module imports the ones it builds on, never this package's face: these re-exports
+are for callers outside the package.
+"""
+
+from .cli import build_parser, main
 from .core import (
+    CheckState,
+    Loaded,
+    StoredKV,
+    blend,
+    check_state,
+    oracle_score,
+    query_limits,
+    select_top,
+    topk_count,
+)
+from .evaluate import PromptOutcome, answer_rows, run_prompt, top_logprobs
+from .layout import BlendPrompt, Segment, blend_layout, harness_prompts
+from .llama import KVCache, ManualLlama
+from .metrics import engine_numbers, paired_differences, print_table, summarize
+from .runner import check_layers, device_name, hf_consistency, load_model, run, versions
+from .settings import (
     ANSWER_TOKENS,
     APPENDED,
+    BLEND_CONFIG,
+    DEFAULT_RATIOS,
+    MAX_MODEL_LEN,
     QUALITY_CONTEXT,
     QUESTIONS_FILE,
     TOP_K,
     VARIANTS,
-    BlendPrompt,
-    ManualLlama,
-    StoredKV,
-    answer_rows,
-    blend,
-    blend_layout,
-    check_state,
-    main,
-    paired_differences,
-    plan_variants,
-    query_limits,
-    run_prompt,
-    select_top,
-    topk_count,
 )
+from .variants import Variant, plan_variants
 
-__all__ = ["ANSWER_TOKENS", "APPENDED", "QUALITY_CONTEXT", "QUESTIONS_FILE", "TOP_K", "VARIANTS", "BlendPrompt",
-           "ManualLlama", "StoredKV", "answer_rows", "blend", "blend_layout", "check_state", "main",
-           "paired_differences", "plan_variants", "query_limits", "run_prompt", "select_top", "topk_count"]
+__all__ = [
+    "ANSWER_TOKENS", "APPENDED", "BLEND_CONFIG", "DEFAULT_RATIOS", "MAX_MODEL_LEN", "QUALITY_CONTEXT",
+    "QUESTIONS_FILE", "TOP_K", "VARIANTS", "BlendPrompt", "CheckState", "KVCache", "Loaded", "ManualLlama",
+    "PromptOutcome", "Segment", "StoredKV", "Variant", "answer_rows", "blend", "blend_layout", "build_parser",
+    "check_layers", "check_state", "device_name", "engine_numbers", "harness_prompts", "hf_consistency",
+    "load_model", "main", "oracle_score", "paired_differences", "plan_variants", "print_table", "query_limits",
+    "run", "run_prompt", "select_top", "summarize", "top_logprobs", "topk_count", "versions",
+]

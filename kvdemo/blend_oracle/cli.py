@@ -1,0 +1,44 @@
+"""An independent, exact reference of LMCache 0.5.3's CacheBlend in plain torch, on the quality harness's prompts.
+
+    python -m kvdemo.blend_oracle --model DIR [--device cpu|cuda] [--dtype float32|bfloat16] [--prompts N]
+        [--ratios 0,0.02,0.15,0.3,0.5,1.0] [--variants exact,bottom_right,gaps,oracle] --out FILE.json
+
+The flags of ``python -m kvdemo.blend_oracle`` (the package docstring says what it computes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .runner import run
+from .settings import ANSWER_TOKENS, BLEND_CONFIG, DEFAULT_RATIOS, VARIANTS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m kvdemo.blend_oracle", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="HF Llama model dir (python -m kvdemo.models smollm2 DIR)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
+    p.add_argument("--prompts", type=int, default=6, help="the harness's first N prompts")
+    p.add_argument("--ratios", default=DEFAULT_RATIOS, help="recompute ratios (0 = nothing after the check layer)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {','.join(VARIANTS)}")
+    p.add_argument("--answer-tokens", type=int, default=ANSWER_TOKENS, help="greedy tokens per answer")
+    p.add_argument("--rows", type=int, default=8, help="answers decoded per batch (memory: ~T*L*KV per row)")
+    p.add_argument("--seed", type=int, default=0, help="the harness's prompt sampling seed")
+    p.add_argument("--lmcache-config", default=str(BLEND_CONFIG), help="LMCache yaml (check layer, separator)")
+    p.add_argument("--no-hf-check", dest="hf_check", action="store_false",
+                   help="skip comparing the manual forward with HF's on prompt 1")
+    p.add_argument("--out", required=True, help="JSON to write")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    import shlex
+
+    a = build_parser().parse_args(argv)
+    if a.prompts < 1:
+        print("kvdemo.blend_oracle: --prompts must be at least 1", file=sys.stderr)
+        return 2
+    run(a, shlex.join(sys.argv[1:] if argv is None else argv), log=lambda s: print(s, flush=True))
+    return 0

@@ -1,0 +1,73 @@
+"""Aggregation over prompts: per-variant rows, paired differences against ``exact``, the engine's committed
+numbers to read next to them, and the printed table."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .. import quality as qm
+from ..config import REPO_ROOT
+from .evaluate import PromptOutcome
+from .variants import Variant
+
+
+def summarize(outcomes: Sequence[PromptOutcome], variants: Sequence[Variant]) -> list[dict]:
+    """Per variant: kvdemo.quality.summarize over prompts, plus the selection statistics."""
+    import statistics
+
+    rows = []
+    for v in variants:
+        row = {"variant": v.key, "recompute_ratio": v.ratio, "mask": v.mask, "selection": v.selection,
+               "gaps": v.gaps, **qm.summarize([o.results[v.key] for o in outcomes]),
+               "mean_recomputed_tokens": statistics.fmean(o.selected[v.key] for o in outcomes),
+               "gaps_in_selection": statistics.fmean(o.gaps_selected[v.key] for o in outcomes)}
+        overlaps = [o.oracle_overlap[v.key] for o in outcomes if v.key in o.oracle_overlap]
+        if overlaps:
+            row["overlap_with_lmcache_selection"] = statistics.fmean(overlaps)
+        rows.append(row)
+    return rows
+
+
+def paired_differences(prompt_rows: Sequence[dict], variants: Sequence[Variant]) -> list[dict]:
+    """Per variant: its first-token KL minus ``exact``'s at the same ratio, prompt by prompt (mean, 95 % bootstrap
+    interval): on the same prompts the prompt-to-prompt spread cancels, so few prompts already separate them."""
+    out = []
+    for v in variants:
+        base = f"r{v.ratio:g}/exact"
+        if v.key == base:
+            continue
+        diffs = [row["first_token_kl"][v.key] - row["first_token_kl"][base] for row in prompt_rows
+                 if v.key in row["first_token_kl"] and base in row["first_token_kl"]]
+        if diffs:
+            mean, lo, hi = qm.bootstrap_mean_ci(diffs)
+            out.append({"variant": v.key, "minus": base, "first_token_kl_diff": mean, "ci": [lo, hi]})
+    return out
+
+
+def engine_numbers() -> dict[str, Any]:
+    """The engine's committed quality sweeps (40 prompts, bf16, H200), for reading next to these numbers."""
+    out: dict[str, Any] = {}
+    for name, path in (("exact_mask", REPO_ROOT / "benchmarks/results/quality-h200.json"),
+                       ("lmcache_mask", REPO_ROOT / "benchmarks/results/steps/quality-nomask-h200.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        out[name] = {"file": str(path.relative_to(REPO_ROOT)), "device": data.get("device"),
+                     "n_prompts": data.get("n_prompts"), "control_kl": data.get("control", {}).get("first_token_kl"),
+                     "sweep": [{k: r.get(k) for k in ("recompute_ratio", "first_token_kl", "first_token_kl_ci",
+                                                      "mean_agree_prefix")} for r in data.get("sweep", [])]}
+    return out
+
+
+def print_table(result: dict, log: Callable[[str], None] = print) -> None:
+    log(f"  {result['n_prompts']} prompts, {result['device']}, {result['dtype']}; self-check {result['self_check']}")
+    for r in result["variants"]:
+        lo, hi = r["first_token_kl_ci"]
+        log(f"  {r['variant']:<18} KL {r['first_token_kl']:.4f} [{lo:.4f}, {hi:.4f}]  prefix "
+            f"{r['mean_agree_prefix']:.1f}/{result['answer_tokens']}  recomputed {r['mean_recomputed_tokens']:.0f}")
+    for d in result.get("paired_vs_exact", []):
+        log(f"  {d['variant']:<18} minus {d['minus']}: KL {d['first_token_kl_diff']:+.4f} "
+            f"[{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]")

@@ -1,0 +1,120 @@
+"""The whole run: the model, the harness's prompts, every prompt × variant, the JSON written to ``--out``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ..config import REPO_ROOT
+from .core import StoredKV
+from .evaluate import run_prompt
+from .layout import BlendPrompt, harness_prompts
+from .llama import ManualLlama
+from .metrics import engine_numbers, paired_differences, print_table, summarize
+from .settings import TOP_K
+from .variants import plan_variants
+
+
+def load_model(model_dir: str, device: str, dtype: str):
+    """HF LlamaForCausalLM in ``dtype`` on ``device`` (eval, no grad), and its tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa")
+    # .to() rather than from_pretrained's dtype argument (torch_dtype before transformers 4.56): any version.
+    return model.to(device=device, dtype=getattr(torch, dtype)).eval(), AutoTokenizer.from_pretrained(model_dir)
+
+
+def hf_consistency(model, llama: ManualLlama, prompt: BlendPrompt) -> float:
+    """Max |log-prob| difference of the manual forward against HF's own forward (last position): the
+    manual forward is what every variant is built from."""
+    import torch
+
+    ids = torch.tensor([prompt.ids], device=llama.device)
+    hf = torch.log_softmax(model(ids).logits[0, -1].float(), dim=-1)
+    ours = torch.log_softmax(llama.forward(ids, llama.new_cache(1, len(prompt.ids)))[0], dim=-1)
+    return float((hf - ours).abs().max())
+
+
+def versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                                timeout=10, check=False).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "kvdemo_commit": commit}
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def check_layers(config_path: Path) -> int:
+    """The (single) blend check layer of the LMCache yaml the engines use."""
+    from ..preflight import check_lmcache_config
+
+    layers = check_lmcache_config(config_path).get("blend_check_layers") or [1]
+    if len(layers) != 1:
+        raise ValueError(f"{config_path}: one blend_check_layers entry expected (LMCache 0.5.3 uses one), got {layers}")
+    return int(layers[0])
+
+
+def run(a: argparse.Namespace, argv_text: str, log: Callable[[str], None] = print) -> dict:
+    """Every prompt × variant; returns the JSON written to ``a.out``."""
+    import torch
+
+    torch.set_grad_enabled(False)
+    t0 = time.monotonic()
+    ratios = [float(x) for x in a.ratios.split(",")]
+    variants = plan_variants(ratios, [k.strip() for k in a.variants.split(",") if k.strip()])
+    check = check_layers(Path(a.lmcache_config))
+    model, tokenizer = load_model(a.model, a.device, a.dtype)
+    llama = ManualLlama(model)
+    prompts = harness_prompts(tokenizer, a.prompts, seed=a.seed, lmcache_config=Path(a.lmcache_config))
+    stored = StoredKV(llama)
+    hf_diff = hf_consistency(model, llama, prompts[0]) if a.hf_check else None
+    outcomes = []
+    for n, p in enumerate(prompts, 1):
+        t = time.monotonic()
+        o = run_prompt(llama, stored, p, variants, check, a.answer_tokens, tokenizer.eos_token_id, a.rows)
+        outcomes.append(o)
+        kls = " ".join(f"{k}={r.first_token_kl:.4f}" for k, r in o.results.items())
+        log(f"kvdemo.blend_oracle: prompt {n}/{len(prompts)} ({o.tokens} tokens, {time.monotonic() - t:.0f} s) {kls}")
+    prompt_rows = [{"prompt": o.label, "tokens": o.tokens, "blend_tokens": o.blend_len,
+                    "first_token_kl": {k: r.first_token_kl for k, r in o.results.items()},
+                    "agree_prefix": {k: r.agree_prefix for k, r in o.results.items()}} for o in outcomes]
+    result = {
+        "what": "exact torch reference of LMCache 0.5.3 CacheBlend vs full prefill (kvdemo.blend_oracle)",
+        "device": device_name(a.device), "dtype": a.dtype, "versions": versions(), "model": a.model,
+        "command": "python -m kvdemo.blend_oracle " + argv_text, "n_prompts": len(prompts),
+        "check_layer": check, "answer_tokens": a.answer_tokens, "top_k": TOP_K,
+        "context_tokens": {"min": min(o.tokens for o in outcomes), "max": max(o.tokens for o in outcomes)},
+        "self_check": {
+            "manual_forward_vs_hf_max_abs_logprob": hf_diff,
+            "question_path_vs_full_prefill_max_abs_logprob": max(
+                o.self_check["question_path_vs_full_prefill_max_abs_logprob"] for o in outcomes)},
+        "variants": summarize(outcomes, variants),
+        "paired_vs_exact": paired_differences(prompt_rows, variants),
+        "prompts": prompt_rows,
+        "engine_for_comparison": engine_numbers(),
+        "wall_s": time.monotonic() - t0,
+    }
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    log(f"kvdemo.blend_oracle: wrote {out}")
+    print_table(result, log)
+    return result
