@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from .errors import UserFacingError
+from .preflight import check_lmcache_config
 
 MIN_FREE_GIB = 4.0  # ~2 GiB of KV per 16K tokens of Mistral-7B, stored once per prompt
 REDIS_SCHEMES = ("redis://", "rediss://")
@@ -127,8 +128,8 @@ class KvStore:
             client.close()
 
     def write_lmcache_config(self, template: Path, out_dir: Path) -> Path:
-        """A copy of the share template with remote_url pointing at this store."""
-        data = yaml.safe_load(template.read_text()) or {}
+        """A copy of the share template with remote_url pointing at this store (a bad template: one line)."""
+        data = dict(check_lmcache_config(template))
         data["remote_url"] = self.remote_url
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / "lmcache-share.yaml"

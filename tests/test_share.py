@@ -286,3 +286,16 @@ def test_share_page_shows_b_faster_after_a(tmp_path):
     finally:
         app.pids |= {p.pid for p in psutil.Process(proc.pid).children(recursive=True)} if proc.poll() is None else set()
         _interrupt_and_check(app)
+
+
+def test_a_bad_share_template_is_one_line(tmp_path):
+    """The share scenario's yaml goes through the same check as every LMCache yaml (kvdemo.preflight)."""
+    from kvdemo.errors import UserFacingError
+    from kvdemo.kvstore import KvStore
+
+    bad = tmp_path / "share.yaml"
+    bad.write_text("chunk_size: [256\n")
+    store = KvStore(directory=tmp_path / "store")
+    with pytest.raises(UserFacingError, match=r"not valid YAML \(line \d+\)") as info:
+        store.write_lmcache_config(bad, tmp_path / "out")
+    assert "\n" not in str(info.value)
