@@ -99,6 +99,7 @@ def run(a: argparse.Namespace, argv_text: str, log: Callable[[str], None] = prin
     result = {
         "what": "exact torch reference of LMCache 0.5.3 CacheBlend vs full prefill (kvdemo.blend_oracle)",
         "device": device_name(a.device), "dtype": a.dtype, "versions": versions(), "model": a.model,
+        "weights": "real (the model dir's own weights; SmolLM2-135M-Instruct for the committed runs)",
         "command": "python -m kvdemo.blend_oracle " + argv_text, "n_prompts": len(prompts),
         "check_layer": check, "answer_tokens": a.answer_tokens, "top_k": TOP_K,
         "context_tokens": {"min": min(o.tokens for o in outcomes), "max": max(o.tokens for o in outcomes)},
