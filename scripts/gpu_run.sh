@@ -15,6 +15,9 @@
 # PAGE_ARGS.
 # oracle: kvdemo.blend_oracle, the torch reference of LMCache's CacheBlend on the quality prompts (same SmolLM2 dir).
 # Result JSONs come back as files; logs and text output are packed into $OUT/logs-<steps>.tar.gz.
+# Steps longer than one device call (10 min) run in the background: start them with
+# `setsid nohup bash DRIVER "$PWD" > LOG 2>&1 < /dev/null &` — a plain `nohup ... &` dies when its call ends —
+# and collect /tmp/runs with later calls (a driver like .gpu/driver4.sh: one `run NAME cmd` per step).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 started=$(mktemp); TXT=$(mktemp -d)
