@@ -22,6 +22,7 @@ import yaml
 from .errors import UserFacingError
 from .preflight import check_lmcache_config
 
+MEMORY_FILESYSTEMS = ("tmpfs", "ramfs")
 MIN_FREE_GIB = 4.0  # ~2 GiB of KV per 16K tokens of Mistral-7B, stored once per prompt
 REDIS_SCHEMES = ("redis://", "rediss://")
 LMCACHE_KEY_GLOB = "*@*@*@*@*"  # model@world_size@worker_id@chunk_hash@dtype...
@@ -45,6 +46,25 @@ class KvStore:
     @property
     def remote_url(self) -> str:
         return self.url or f"fs://localhost:1{self.directory}/"
+
+    def location(self) -> str:
+        """Where the stored KV bytes physically are, in one line: what "loaded from the store" measures.
+
+        WHY: a directory store on a disk is read from the OS page cache (memory) while its files are cached —
+        right after A stored them, typically — and from the disk only when they are not; on tmpfs it is
+        memory always. Load speeds mean different things in each case (issue #17), so the page and the bench
+        say which it was.
+        """
+        if self.redis_url:
+            return f"a Redis server ({self.redis_url}): every load goes through its network protocol"
+        if self.directory is None:
+            return f"an LMCache server ({self.url})"
+        fstype, device = mount_of(self.directory)
+        if fstype in MEMORY_FILESYSTEMS:
+            return f"{self.directory} on {fstype}: in memory, so a load from the store is a memory copy"
+        return (f"{self.directory} on {fstype or 'an unknown filesystem'}"
+                f"{f' ({device})' if device else ''}: loads read the OS page cache (memory) while the files are "
+                "cached, e.g. right after they were stored, and the disk only when they are not")
 
     @property
     def redis_url(self) -> str | None:
@@ -135,3 +155,17 @@ class KvStore:
         path = out_dir / "lmcache-share.yaml"
         path.write_text(yaml.safe_dump(data, sort_keys=False))
         return path
+
+
+def mount_of(path: Path) -> tuple[str | None, str | None]:
+    """(filesystem type, device) of the mount holding ``path`` (the longest mount point above it)."""
+    import psutil
+
+    target = str(path.resolve())
+    best = None
+    for part in psutil.disk_partitions(all=True):
+        mount = part.mountpoint.rstrip("/") or "/"
+        if (target == mount or target.startswith(mount.rstrip("/") + "/")) and \
+                (best is None or len(mount) > len(best.mountpoint.rstrip("/") or "/")):
+            best = part
+    return (best.fstype, best.device) if best else (None, None)

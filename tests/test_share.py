@@ -299,3 +299,28 @@ def test_a_bad_share_template_is_one_line(tmp_path):
     with pytest.raises(UserFacingError, match=r"not valid YAML \(line \d+\)") as info:
         store.write_lmcache_config(bad, tmp_path / "out")
     assert "\n" not in str(info.value)
+
+
+def test_the_store_says_where_its_kv_lives(monkeypatch, tmp_path):
+    """Disk (page cache or disk), tmpfs (memory) or Redis: what a 'load from the store' measures (issue #17)."""
+    from types import SimpleNamespace
+
+    import psutil
+
+    from kvdemo.kvstore import KvStore
+    from kvdemo.ui.share_app import store_line
+
+    def mounts(*parts):
+        return lambda all=True: [SimpleNamespace(device=d, mountpoint=m, fstype=f, opts="rw") for d, m, f in parts]
+
+    store = KvStore(Path("/data/kv"))
+    monkeypatch.setattr(psutil, "disk_partitions", mounts(("/dev/vda", "/", "ext4"), ("/dev/nvme0n1", "/data", "xfs"),
+                                                          ("tmpfs", "/dev/shm", "tmpfs")))
+    disk = store.location()
+    assert disk.startswith("/data/kv on xfs (/dev/nvme0n1): loads read the OS page cache (memory)")
+    assert "the disk only when they are not" in disk
+    assert "in memory" in KvStore(Path("/dev/shm/kv")).location()
+    assert KvStore(Path("/srv/kv")).location().startswith("/srv/kv on ext4 (/dev/vda)")
+    assert KvStore(None, "redis://h:6379").location().startswith("a Redis server (redis://h:6379)")
+    line = store_line(None, store.remote_url, disk)
+    assert line == f"Shared KV store: `{store.remote_url}`  \nWhere the KV lives: {disk}"

@@ -66,6 +66,7 @@ def measure(job: BenchJob) -> Measured:
             "decode_tokens": job.decode_tokens,
             "requests": "one at a time; " + job.cases.requests,
             "kv_store": runtime.kv_store.remote_url if runtime.scenario.uses_kv_store else None,
+            "kv_store_location": runtime.kv_store.location() if runtime.scenario.uses_kv_store else None,
             "cases": cases,
             **({"traces": traces} if traces else {}),
             "evidence": evidence(runtime),

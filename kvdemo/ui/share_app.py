@@ -26,9 +26,9 @@ REDIS_NOTE = ("Measured with lmcache 0.5.3 on an H100 machine: LMCache's Redis c
               "the directory store (14–18 GB/s) is the fast one.")
 
 
-def store_line(redis_url: str | None, remote_url: str) -> str:
-    """The store the page shows, with the measured Redis caveat when it is Redis."""
-    line = f"Shared KV store: `{remote_url}`"
+def store_line(redis_url: str | None, remote_url: str, location: str | None = None) -> str:
+    """The store the page shows, where its bytes are, and the measured Redis caveat when it is Redis."""
+    line = f"Shared KV store: `{remote_url}`" + (f"  \nWhere the KV lives: {location}" if location else "")
     return f"{line}  \n{REDIS_NOTE}" if redis_url else line
 
 
@@ -124,7 +124,8 @@ def build_share_ui(runtime: Runtime) -> gr.Blocks:
         if runtime.settings.simulate:
             gr.Markdown(SIMULATED_BANNER, elem_classes="sim-banner", elem_id="sim-banner")
         status = gr.Markdown(runtime.status_line(), elem_id="status")
-        gr.Markdown(store_line(runtime.kv_store.redis_url, runtime.kv_store.remote_url), elem_id="store")
+        gr.Markdown(store_line(runtime.kv_store.redis_url, runtime.kv_store.remote_url, runtime.kv_store.location()),
+                    elem_id="store")
         with gr.Row():
             with gr.Column(scale=2):
                 engine = gr.Radio(labels, value=labels[0], label="Send to", elem_id="engine")
