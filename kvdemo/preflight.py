@@ -126,22 +126,26 @@ def check_model(settings: Settings) -> None:
             from exc
 
 
-def model_architectures(settings: Settings) -> list[str] | None:
-    """``architectures`` from the model's config.json (local dir, or the Hub's file); None when unknown."""
-    if settings.is_local_model:
-        path = Path(settings.model).expanduser() / "config.json"
-    else:
-        try:
-            from huggingface_hub import hf_hub_download
-
-            path = Path(hf_hub_download(settings.model, "config.json", token=settings.hf_token))
-        except Exception:
-            log.debug("config.json of %s not readable", settings.model, exc_info=True)
-            return None
+def model_config(settings: Settings) -> Mapping[str, Any] | None:
+    """The model's config.json: a local model's file, else the Hub's (in simulate mode only a copy already in
+    the Hugging Face cache: simulated runs need no network). None when it cannot be had."""
     try:
-        found = json.loads(path.read_text()).get("architectures")
-    except (OSError, ValueError, AttributeError):
+        if settings.is_local_model:
+            return json.loads((Path(settings.model).expanduser() / "config.json").read_text())
+        from huggingface_hub import hf_hub_download  # lazy: only when a config is asked for
+
+        path = hf_hub_download(settings.model, "config.json", token=settings.hf_token,
+                               local_files_only=settings.simulate)
+        return json.loads(Path(path).read_text())
+    except Exception as exc:  # noqa: BLE001 - any failure means "unknown": callers estimate or let vLLM say
+        log.info("no config.json for %s (%s)", settings.model, exc)
         return None
+
+
+def model_architectures(settings: Settings) -> list[str] | None:
+    """``architectures`` from the model's config.json; None when unknown."""
+    config = model_config(settings)
+    found = config.get("architectures") if isinstance(config, Mapping) else None
     return [str(a) for a in found] if isinstance(found, list) else None
 
 

@@ -39,20 +39,19 @@ dtype size) on the model's config.json, or a labelled estimate when that is not 
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 from .config import Settings
 from .engine_handle import EngineHandle
 from .errors import UserFacingError
 from .lmcache_config import LmcacheConfig
+from .preflight import model_config
 from .prompts import ChunkLibrary, PromptBuilder
 
 log = logging.getLogger(__name__)
@@ -136,22 +135,6 @@ def _kv_dtype_bytes(engine_args: Sequence[str]) -> int:
     if (flag("--kv-cache-dtype") or "").startswith("fp8"):
         return 1
     return 4 if flag("--dtype") in ("float32", "float") else 2
-
-
-def model_config(settings: Settings) -> Mapping[str, Any] | None:
-    """The model's config.json: a local model's file, else the Hub's (in simulate mode only a copy already in
-    the Hugging Face cache: simulated runs need no network). None when it cannot be had."""
-    try:
-        if settings.is_local_model:
-            return json.loads((Path(settings.model).expanduser() / "config.json").read_text())
-        from huggingface_hub import hf_hub_download  # lazy: only when the budget is first needed
-
-        path = hf_hub_download(settings.model, "config.json", token=settings.hf_token,
-                               local_files_only=settings.simulate)
-        return json.loads(Path(path).read_text())
-    except Exception as exc:  # noqa: BLE001 - any failure means "use the estimate", which the page labels
-        log.info("no config.json for %s (%s): KV size per token is estimated", settings.model, exc)
-        return None
 
 
 def kv_size(settings: Settings) -> KvSize:
