@@ -10,7 +10,9 @@ ask at once. No line for a request means LMCache loaded nothing for it.
 from __future__ import annotations
 
 import json
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,13 +65,20 @@ class LoadRecord:
         return text + (" (SIMULATED)" if self.simulated else "")
 
 
+KEEP_RECORDS = 4096  # records read but not yet asked for, per engine
+
+
 class TelemetryReader:
     """Finds request records in one engine's telemetry directory (read incrementally, engine-wide)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, keep: int = KEEP_RECORDS) -> None:
         self.directory = directory
+        self.keep = keep
         self._offsets: dict[Path, int] = {}
-        self._records: dict[str, dict[str, Any]] = {}
+        # Records nobody asks for (precompute, warm-ups, other tools' requests) are dropped oldest first.
+        self._records: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        # Several browser sessions read at once (each from a worker thread): one scan and lookup at a time.
+        self._lock = threading.Lock()
 
     def _scan(self) -> None:
         if not self.directory.is_dir():
@@ -90,15 +99,19 @@ class TelemetryReader:
                 except (ValueError, KeyError, TypeError):
                     continue
             self._offsets[path] = offset + end
+        while len(self._records) > self.keep:
+            self._records.popitem(last=False)
 
     def find(self, request_id: str, wait_s: float = 0.0, poll_s: float = 0.05) -> LoadRecord | None:
         """The record of the request the app sent as ``request_id`` (vLLM: ``cmpl-<id>-<n>-<random>``)."""
         prefix = f"cmpl-{request_id}-"
         deadline = time.monotonic() + wait_s
         while True:
-            self._scan()
-            for key in (k for k in self._records if k.startswith(prefix) or k == request_id):
-                return LoadRecord.from_json(self._records.pop(key))
+            with self._lock:
+                self._scan()
+                key = next((k for k in self._records if k.startswith(prefix) or k == request_id), None)
+                if key is not None:
+                    return LoadRecord.from_json(self._records.pop(key))
             if time.monotonic() >= deadline:
                 return None
             time.sleep(poll_s)

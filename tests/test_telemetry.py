@@ -73,3 +73,16 @@ def test_simulated_lmcache_engine_records_each_request(sim_engines, builder):
 def test_reader_skips_garbage(tmp_path, bad):
     (tmp_path / "lmcache-1.jsonl").write_text(bad + "\n" + json.dumps(_raw("cmpl-ok-0-1")) + "\n")
     assert TelemetryReader(tmp_path).find("ok") is not None
+
+
+def test_reader_keeps_a_bounded_number_of_unclaimed_records_and_serves_threads(tmp_path):
+    """Records nobody asks for (precompute, warm-ups) do not pile up; concurrent sessions each get theirs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    lines = [json.dumps(_raw(f"cmpl-r{i}-0-x")) for i in range(50)]
+    (tmp_path / "lmcache-1.jsonl").write_text("\n".join(lines) + "\n")
+    reader = TelemetryReader(tmp_path, keep=20)
+    with ThreadPoolExecutor(8) as pool:
+        found = list(pool.map(lambda i: reader.find(f"r{i}"), range(30, 50)))
+    assert all(r is not None for r in found)  # the newest 20 were kept, each handed to its own asker
+    assert reader.find("r0") is None and reader.find("r29") is None  # the oldest 30 were dropped
