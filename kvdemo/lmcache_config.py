@@ -25,6 +25,7 @@ class LmcacheConfig:
     recompute_ratio: float = 0.15  # blend_recompute_ratios[0]
     remote_url: str | None = None
     cpu_cache_gib: float = 5.0  # max_local_cpu_size: the CPU cache uploads share with the shipped chunks
+    min_retrieve_tokens: int = 0  # a shorter hit is not loaded: the engine prefills those tokens instead
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any]) -> LmcacheConfig:
@@ -33,7 +34,8 @@ class LmcacheConfig:
                    blending=bool(data.get("enable_blending", False)),
                    chunk_size=int(data.get("chunk_size", cls.chunk_size)),
                    recompute_ratio=float(ratios[0]), remote_url=data.get("remote_url"),
-                   cpu_cache_gib=float(data.get("max_local_cpu_size", cls.cpu_cache_gib)))
+                   cpu_cache_gib=float(data.get("max_local_cpu_size", cls.cpu_cache_gib)),
+                   min_retrieve_tokens=int(data.get("min_retrieve_tokens", cls.min_retrieve_tokens)))
 
     @classmethod
     def load(cls, path: Path) -> LmcacheConfig:

@@ -137,10 +137,12 @@ class SimulatedEngine:
     """The cache state and timing model of one engine."""
 
     def __init__(self, mode: str, sep_ids: list[int], costs: CostModel, store: SegmentStore,
-                 max_model_len: int, blending: bool = True, chunk_size: int = 256) -> None:
+                 max_model_len: int, blending: bool = True, chunk_size: int = 256,
+                 min_retrieve_tokens: int = 0) -> None:
         self.mode = mode
         self.blending = blending
         self.chunk_size = chunk_size
+        self.min_retrieve_tokens = min_retrieve_tokens
         self.sep_ids = sep_ids
         self.costs = costs
         self.store = store
@@ -178,11 +180,16 @@ class SimulatedEngine:
             for seg in segments:
                 if seg:
                     self.store.add(_hash(seg), len(seg))
+        if 0 < reused < self.min_retrieve_tokens:  # as LMCache: a short hit is prefilled, not blended
+            log.info("LMCache hit tokens: %d, but need to load: %d < min_retrieve %d, skip retrieve (SIMULATED)",
+                     reused, reused, self.min_retrieve_tokens)
+            reused = 0
+        else:
+            log.info("LMCache hit tokens: %d, need to load: %d (SIMULATED)", reused, reused)
         computed = len(ids) - reused
         seconds = c.base_s + computed * c.prefill_s_per_token
         if reused:
             seconds += c.blend_overhead_s + reused * (c.recompute_ratio * c.prefill_s_per_token + c.load_s_per_token)
-        log.info("LMCache hit tokens: %d, need to load: %d (SIMULATED)", reused, reused)
         return seconds, reused
 
     def record_load(self, request_id: str, prompt_tokens: int, reused: int) -> None:
@@ -351,13 +358,15 @@ def simulated_logprobs(prompt: list[int], n_tokens: int, top_k: int, blend_noise
 
 def lmcache_settings(model: str, config_path: Path | None) -> dict:
     """What the simulator takes from an LMCache yaml (kvdemo.lmcache_config): separator ids (as LMCache
-    computes them: encode, drop the first id), whether blending is on, the chunk size, the recompute ratio."""
+    computes them: encode, drop the first id), whether blending is on, the chunk size, the recompute ratio,
+    the shortest hit that is loaded."""
     from .lmcache_config import LmcacheConfig
     from .prompts import load_tokenizer
 
     config = LmcacheConfig.load(config_path) if config_path and config_path.is_file() else LmcacheConfig()
     return {"sep_ids": list(load_tokenizer(model).encode(config.separator))[1:], "blending": config.blending,
-            "chunk_size": config.chunk_size, "recompute_ratio": config.recompute_ratio}
+            "chunk_size": config.chunk_size, "recompute_ratio": config.recompute_ratio,
+            "min_retrieve_tokens": config.min_retrieve_tokens}
 
 
 def main() -> None:
@@ -379,7 +388,8 @@ def main() -> None:
     lmc = lmcache_settings(tokenizer_source, a.lmcache_config)
     engine = SimulatedEngine(a.mode, lmc["sep_ids"], CostModel(speed=a.speed, recompute_ratio=lmc["recompute_ratio"]),
                              SegmentStore(a.store_dir, a.store_url, a.model),
-                             a.max_model_len, blending=lmc["blending"], chunk_size=lmc["chunk_size"])
+                             a.max_model_len, blending=lmc["blending"], chunk_size=lmc["chunk_size"],
+                             min_retrieve_tokens=lmc["min_retrieve_tokens"])
     log.info("SIMULATED %s engine for %s on port %d", a.mode, a.model, a.port)
     import uvicorn
 

@@ -56,7 +56,8 @@ def test_stats_line(builder):
         "  \n🔎 LMCache reused 17,900 tokens, recomputed 2,692 (15%), computed 81 fresh · 2.35 GB KV loaded, "
         "load + recompute 141 ms GPU (SIMULATED)")
     assert stats_markdown(stats(0), sim, lmcache=True).endswith("🔎 LMCache loaded nothing for this answer "
-                                                                 "(no stored chunk matched)")
+                                                                 "(no stored chunk matched, or too few tokens to be worth "
+                                                                 "loading: they were prefilled)")
     assert stats_markdown(stats(None), sim).endswith(" · 18,031 prompt tokens (reuse not reported) (SIMULATED)")
     assert stats_markdown(None, sim) == ""
     real = make_runtime(builder)

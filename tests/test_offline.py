@@ -248,7 +248,7 @@ def test_offline_yaml_carries_the_example_settings():
     cfg = yaml.safe_load((REPO_ROOT / "lmcache_configs" / "offline.yaml").read_text())
     assert cfg == {"chunk_size": 256, "local_cpu": True, "max_local_cpu_size": 5, "enable_blending": True,
                    "blend_special_str": " # # ", "use_layerwise": True, "blend_check_layers": [1],
-                   "blend_recompute_ratios": [0.15], "blend_min_tokens": 64, "min_retrieve_tokens": 64}
+                   "blend_recompute_ratios": [0.15], "blend_min_tokens": 64, "min_retrieve_tokens": 1024}
     server = yaml.safe_load((REPO_ROOT / "lmcache_configs" / "blend.yaml").read_text())
     assert {k: v for k, v in cfg.items() if k != "max_local_cpu_size"} == {
         k: v for k, v in server.items() if k != "max_local_cpu_size"}

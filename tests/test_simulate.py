@@ -194,3 +194,22 @@ def test_unreachable_engine_is_an_engine_error():
 
     with pytest.raises(EngineError, match="ghost at http://127.0.0.1:.* does not answer"):
         asyncio.run(go())
+
+
+def test_a_hit_on_the_system_prompt_alone_is_prefilled_not_blended(sim_engines, builder):
+    """blend.yaml's min_retrieve_tokens (1024): LMCache prefills a short hit instead of loading it, so a
+    question whose only stored segment is the system prompt reports no reuse (issue #17, first request)."""
+    from kvdemo.bench.cases import synthetic_chunks
+
+    lm = sim_engines["lmcache"]
+    sys_ids = builder.sys_ids(unique_sys_prompt())
+    chunks = synthetic_chunks(builder, 2, 1500, uuid.uuid4().hex[:8])  # never stored by another test
+    ids = builder.assemble(sys_ids, chunks, builder.question_ids(QUESTION))
+    layout = builder.precompute_layout(sys_ids, chunks)
+    ask(lm, layout[0])  # stores the system prompt only
+    _, short = ask(lm, ids, skip_save=True)
+    assert short.cached_tokens == 0
+    for prompt in layout[1:]:
+        ask(lm, prompt)
+    _, full = ask(lm, ids, skip_save=True)
+    assert full.cached_tokens and full.cached_tokens > 3000

@@ -48,7 +48,8 @@ def load_text(stats: RequestStats, runtime: Runtime, load: LoadRecord | None) ->
     if runtime.settings.attach:
         return "🔎 LMCache's per-request figures need engines kvdemo started (not --attach)"
     if not stats.cached_tokens:
-        return "🔎 LMCache loaded nothing for this answer (no stored chunk matched)"
+        return ("🔎 LMCache loaded nothing for this answer (no stored chunk matched, or too few tokens to be worth "
+                "loading: they were prefilled)")
     return "🔎 LMCache's record of this request did not arrive (see the engine log)"
 
 
