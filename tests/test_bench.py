@@ -16,7 +16,8 @@ BLEND_CASE_KEYS = {"context_tokens", "n_chunks", "plain_cold_ttft_s", "plain_pre
                    "plain_reordered_ttft_s", "blend_cold_ttft_s", "blend_same_order_ttft_s", "blend_reordered_ttft_s",
                    "blend_decode_tok_s", "plain_decode_tok_s"}
 SHARE_CASE_KEYS = {"context_tokens", "a_cold_ttft_s", "b_after_a_ttft_s", "plain_a_ttft_s", "plain_b_ttft_s",
-                   "lmcache_decode_tok_s", "plain_decode_tok_s", "store_bytes"}
+                   "lmcache_decode_tok_s", "plain_decode_tok_s", "store_bytes", "b_after_a_cold_store_ttft_s",
+                   "b_load_gb_s", "b_after_a_over_plain_a", "a_cold_over_plain_a", "b_cold_store_over_plain_a"}
 TOP_KEYS = {"device", "versions", "model", "weights", "command", "cases", "startup_s"}
 
 
@@ -53,6 +54,9 @@ def test_share_bench_measures_b_after_a(tmp_path):
     assert SHARE_CASE_KEYS <= set(case)
     assert case["b_after_a_ttft_s"] < case["a_cold_ttft_s"]
     assert all(r["b_cached_tokens"] > 0.9 * r["context_tokens"] for r in case["repeats"])
+    # the cold-store request: A stored a second document, its files were dropped from the page cache
+    assert case["b_after_a_cold_store_ttft_s"] is not None
+    assert all(r["cold_store_drop"]["files"] > 0 and r["cold_store_drop"]["bytes"] > 0 for r in case["repeats"])
     # engine B's load lines travel with the result (one per request B answered from the shared store)
     assert any("Retrieved" in line and "shared store" in line and "SIMULATED" in line
                for line in written["b_load_log"])
@@ -87,3 +91,15 @@ def test_gpu_slug():
 ])
 def test_plot_titles_say_how_engines_sat_on_gpus(layout, text):
     assert bench.layout_text({"gpu_layout": layout}) == text
+
+
+def test_pipeline_line_gives_b_load_rates():
+    from kvdemo.bench.cases import pipeline_figures
+
+    line = ("(EngineCore pid=9) INFO 11-28 09:39:07 [kvdemo] kvdemo pipeline: [req_id=cmpl-kvdemo-abc123-0-8f2e] "
+            "retrieved 16128 of 16128 required tokens (2.114 GB) in 95.2 ms (22.2 GB/s), 8 groups; waited 12.5 ms "
+            "for reads, 52.9 ms copying to the GPU")
+    got = pipeline_figures(["noise", line], "kvdemo-abc123")
+    assert got == {"tokens": 16128, "gb": 2.114, "total_ms": 95.2, "wait_ms": 12.5, "copy_ms": 52.9,
+                   "copy_gb_s": 39.96, "total_gb_s": 22.21}
+    assert pipeline_figures([line], "kvdemo-other") is None and pipeline_figures([line], None) is None

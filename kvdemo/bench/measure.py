@@ -89,6 +89,7 @@ async def _all_cases(job: BenchJob, runtime: Runtime, trace_dir: Path | None, tr
             print(f"kvdemo.bench: {ctx} tokens, repeat {i}: " + ", ".join(
                 f"{k}={rep[k]:.3f}" for k in job.cases.ttft_keys), flush=True)
             repeats.append(rep)
+        job.cases.annotate(runtime, repeats)
         cases.append(job.cases.summarize(ctx, repeats))
     for ctx in job.trace_contexts:
         assert trace_dir is not None

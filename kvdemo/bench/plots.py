@@ -51,11 +51,14 @@ def plot_share(result: dict, png: Path, plt) -> None:
     cases = result["cases"]
     fig, ax = plt.subplots(figsize=(8, 5))
     labels = {"a_cold_ttft_s": ("LMCache A (cold, stores)", "tab:blue"),
-              "b_after_a_ttft_s": ("LMCache B after A (loads)", "tab:cyan"),
+              "b_after_a_ttft_s": ("LMCache B after A (loads; store in page cache)", "tab:cyan"),
+              "b_after_a_cold_store_ttft_s": ("LMCache B after A (loads; store dropped from page cache)",
+                                              "tab:purple"),
               "plain_a_ttft_s": ("plain vLLM A", "tab:red"), "plain_b_ttft_s": ("plain vLLM B", "tab:orange")}
-    width = 0.2
+    labels = {k: v for k, v in labels.items() if all(c.get(k) is not None for c in cases)}
+    width = 0.8 / len(labels)
     for i, (key, (label, color)) in enumerate(labels.items()):
-        xs = [j + (i - 1.5) * width for j in range(len(cases))]
+        xs = [j + (i - (len(labels) - 1) / 2) * width for j in range(len(cases))]
         ax.bar(xs, [c[key] for c in cases], width, label=label, color=color)
     ax.set_xticks(range(len(cases)), [f"{c['context_tokens'] / 1000:.0f}K tokens" for c in cases])
     ax.set_ylabel("time to first token (s), median")
