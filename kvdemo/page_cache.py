@@ -26,7 +26,10 @@ class DropReport:
 
     @property
     def dropped_gb(self) -> float | None:
-        """How much the machine's page cache shrank: evidence the drop worked (other processes add noise)."""
+        """How much the machine's page cache shrank: evidence the drop worked (other processes add noise).
+
+        Not evidence everywhere: on the lent H200 VM /proc/meminfo gave the same two values at every drop of
+        two runs, so there the read rate of the load that follows (the disk's, ~2 GB/s) is the evidence."""
         if self.cached_before_gb is None or self.cached_after_gb is None:
             return None
         return round(self.cached_before_gb - self.cached_after_gb, 3)

@@ -227,7 +227,7 @@ def share_prompts(builder: PromptBuilder | None, context_tokens: int, tag: str) 
 
 def summarize_share(context_target: int, repeats: list[dict]) -> dict:
     keys = (*SHARE_TTFT_KEYS, "b_after_a_cold_store_ttft_s", "lmcache_decode_tok_s", "plain_decode_tok_s",
-            "store_bytes", "b_load_gb_s", "b_cold_load_gb_s", "b_cold_read_gb_s")
+            "store_bytes", "b_load_gb_s", "b_read_gb_s", "b_cold_load_gb_s", "b_cold_read_gb_s")
     med = {k: _median_or_none([r.get(k) for r in repeats]) for k in keys}
     case = {"context_tokens": repeats[0]["context_tokens"], "context_target": context_target, **med,
             "repeats": repeats}
@@ -256,14 +256,15 @@ def share_case_line(c: dict) -> str:
 
 
 def add_b_load_figures(runtime: Runtime, repeats: list[dict]) -> None:
-    """Per repeat, B's load rates from its engine log's "kvdemo pipeline" line for that request: the copy to the
-    GPU (bytes / copy time: the 40 GB/s target of issue #17) warm, and cold with the whole load's rate
-    (read + copy: the disk's share)."""
+    """Per repeat, B's load rates from its engine log's "kvdemo pipeline" line for that request, warm and cold:
+    the copy to the GPU (``*load_gb_s``: bytes / copy time, issue #17's 40 GB/s target) and the whole load
+    (``*read_gb_s``: bytes / (read + copy) time, what the store itself allows: page cache, disk or Redis)."""
     lines = b_load_log(runtime, limit=10_000)
     for r in repeats:
         warm = pipeline_figures(lines, r.get("b_request_id"))
         cold = pipeline_figures(lines, r.get("b_cold_request_id"))
         r["b_load_gb_s"] = warm["copy_gb_s"] if warm else None
+        r["b_read_gb_s"] = warm["total_gb_s"] if warm else None
         r["b_cold_load_gb_s"] = cold["copy_gb_s"] if cold else None
         r["b_cold_read_gb_s"] = cold["total_gb_s"] if cold else None
         r["b_load_pipeline"], r["b_cold_load_pipeline"] = warm, cold
