@@ -92,6 +92,10 @@ class KvStore:
         """The store is a Redis server that LMCache reaches through its native RESP client (resp://)."""
         return bool(self.url and self.url.startswith(RESP_SCHEME))
 
+    def on_disk(self) -> bool:
+        """A directory store on a filesystem that is not memory (loads may come from the disk)."""
+        return self.directory is not None and mount_of(self.directory)[0] not in MEMORY_FILESYSTEMS
+
     @property
     def redis_url(self) -> str | None:
         """The store as a URL redis-py opens (kvdemo's own checks, the simulated engines), or None.

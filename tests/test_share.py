@@ -50,9 +50,9 @@ def test_redis_store_passes_through_and_other_urls_are_refused(tmp_path):
 def test_page_names_the_store_and_warns_that_redis_measured_slow():
     from kvdemo.ui.share_app import store_line
 
-    assert store_line(None, "fs://localhost:1/tmp/kv/") == "Shared KV store: `fs://localhost:1/tmp/kv/`"
-    line = store_line("redis://h:6379", "redis://h:6379")
+    line = store_line(KvStore(None, "redis://h:6379"))
     assert line.startswith("Shared KV store: `redis://h:6379`") and "0.26 GB/s" in line and "6.8 s" in line
+    assert "resp://" in line and "~1 GB/s" in line
 
 
 def test_unwritable_store_says_so(tmp_path, monkeypatch):
@@ -322,5 +322,8 @@ def test_the_store_says_where_its_kv_lives(monkeypatch, tmp_path):
     assert "in memory" in KvStore(Path("/dev/shm/kv")).location()
     assert KvStore(Path("/srv/kv")).location().startswith("/srv/kv on ext4 (/dev/vda)")
     assert KvStore(None, "redis://h:6379").location().startswith("a Redis server (redis://h:6379)")
-    line = store_line(None, store.remote_url, disk)
-    assert line == f"Shared KV store: `{store.remote_url}`  \nWhere the KV lives: {disk}"
+    line = store_line(store)
+    assert line.startswith(f"Shared KV store: `{store.remote_url}`  \nWhere the KV lives: {disk}  \n")
+    assert "1.14 s once they were dropped from it" in line  # a disk: the measured warm and cold loads
+    memory = KvStore(Path("/dev/shm/kv"))
+    assert store_line(memory) == f"Shared KV store: `{memory.remote_url}`  \nWhere the KV lives: {memory.location()}"

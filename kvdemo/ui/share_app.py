@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import gradio as gr
 
 from ..errors import UserFacingError
+from ..kvstore import KvStore
 from ..runtime import DEFAULT_CONTEXT_TOKENS, Runtime
 from ..telemetry import LoadRecord
 from .labels import SIMULATED_BANNER, load_text, simulated_label
@@ -20,16 +21,21 @@ HOW_TO = ("**How to read it:** send the document to 🚀 LMCache **(A)** first �
           "it in the shared store — then to 🚀 LMCache **(B)**: B loads what A stored instead of computing it. "
           "The 🐢 plain engines cannot share: each computes everything itself (plain B after plain A stays slow).")
 TABLE_HEADERS = ["#", "engine", "context tokens", "TTFT (s)", "tokens reused", "LMCache load"]
-# Measured with real engines (benchmarks/results/share-redis-h100.json): worth saying before anyone waits for it.
-REDIS_NOTE = ("Measured with lmcache 0.5.3 on an H100 machine: LMCache's Redis connector loads KV at ~0.26 GB/s, so "
-              "B after A took 6.8 s at 16K tokens where recomputing took 0.62 s. Sharing works, but on one machine "
-              "the directory store (14–18 GB/s) is the fast one.")
+# Measured with real engines (benchmarks/results/share-h200.json, share-resp-h200.json, share-redis-h100.json):
+# worth saying before anyone waits for it, or reads a warm load as a disk's speed.
+REDIS_NOTE = ("Measured at 16K tokens with lmcache 0.5.3: B after A took 2.1 s through resp:// (~1 GB/s, one H200) "
+              "and 6.8 s through redis:// (0.26 GB/s, one H100) where recomputing took ~0.5 s. Sharing works, but on "
+              "one machine the directory store is the fast one.")
+DISK_NOTE = ("Measured at 16K tokens on one H200: B after A took 0.15 s while A's files were in the page cache and "
+             "1.14 s once they were dropped from it (the disk read ~2 GB/s), where recomputing took 0.48 s: a store "
+             "on a disk pays while its files stay cached (or use tmpfs).")
 
 
-def store_line(redis_url: str | None, remote_url: str, location: str | None = None) -> str:
-    """The store the page shows, where its bytes are, and the measured Redis caveat when it is Redis."""
-    line = f"Shared KV store: `{remote_url}`" + (f"  \nWhere the KV lives: {location}" if location else "")
-    return f"{line}  \n{REDIS_NOTE}" if redis_url else line
+def store_line(store: KvStore) -> str:
+    """The store the page shows, where its bytes are, and what was measured for that kind of store."""
+    line = f"Shared KV store: `{store.remote_url}`  \nWhere the KV lives: {store.location()}"
+    note = REDIS_NOTE if store.redis_url else DISK_NOTE if store.on_disk() else None
+    return f"{line}  \n{note}" if note else line
 
 
 @dataclass
@@ -124,7 +130,7 @@ def build_share_ui(runtime: Runtime) -> gr.Blocks:
         if runtime.settings.simulate:
             gr.Markdown(SIMULATED_BANNER, elem_classes="sim-banner", elem_id="sim-banner")
         status = gr.Markdown(runtime.status_line(), elem_id="status")
-        gr.Markdown(store_line(runtime.kv_store.redis_url, runtime.kv_store.remote_url, runtime.kv_store.location()),
+        gr.Markdown(store_line(runtime.kv_store),
                     elem_id="store")
         with gr.Row():
             with gr.Column(scale=2):
