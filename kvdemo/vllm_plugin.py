@@ -17,12 +17,12 @@ Environment:
     switch the plugin on (otherwise :func:`register` returns at once).
 ``KVDEMO_PLUGIN_FIXES``
     comma list of fixes, default ``all`` =
-    ``register,mistral,split,short,mask,rope,sync,kernels,tokens,lookup,pipeline,staging,quiet``. ``-name``
+    ``register,mistral,split,short,mask,rope,sync,kernels,tokens,lookup,pipeline,quiet``. ``-name``
     removes one (``all,-sync``), ``none`` applies nothing. ``register``/``mistral``/``split`` are needed for
     blending to work at all; ``short`` stores prompts shorter than one LMCache chunk (an upload's last chunk
     was never stored without it); ``mask`` gives recomputed tokens the causal mask of their true positions
     (it changes answers, on purpose: see kvdemo.blend_mask); the others are speed fixes a benchmark can
-    switch off (``pipeline`` and ``staging`` act on the KV-sharing scenario's loads from the shared store,
+    switch off (``pipeline`` acts on the KV-sharing scenario's loads from the shared store,
     the rest on blending).
 ``KVDEMO_TELEMETRY_DIR=DIR``
     one JSON line per request LMCache loads for (kvdemo.lmcache_patches.telemetry): what the app shows
@@ -55,7 +55,6 @@ from kvdemo.lmcache_patches import (
     rope,
     short_save,
     split,
-    staging,
     telemetry,
     tokens,
     trace,
@@ -83,7 +82,6 @@ FIXES: dict[str, tuple[tuple[str, Patch], ...]] = {
     "tokens": tokens.PATCHES,
     "lookup": lookup.PATCHES,
     "pipeline": pipeline.PATCHES,
-    "staging": staging.PATCHES,
     "quiet": (),
 }
 ALL_FIXES: tuple[str, ...] = tuple(FIXES)
