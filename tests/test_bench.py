@@ -8,7 +8,8 @@ import pytest
 from helpers import free_ports
 
 from kvdemo import bench
-from kvdemo.bench.cases import BLEND_CASES, CASES, SHARE_CASES, cases_for
+from kvdemo.bench.cases import BLEND_CASES, CASES, cases_for
+from kvdemo.bench.share_cases import SHARE_CASES
 from kvdemo.config import SCENARIO_NAMES
 from kvdemo.errors import UserFacingError
 
@@ -94,7 +95,7 @@ def test_plot_titles_say_how_engines_sat_on_gpus(layout, text):
 
 
 def test_pipeline_line_gives_b_load_rates():
-    from kvdemo.bench.cases import pipeline_figures
+    from kvdemo.bench.share_cases import pipeline_figures
 
     line = ("(EngineCore pid=9) INFO 11-28 09:39:07 [kvdemo] kvdemo pipeline: [req_id=cmpl-kvdemo-abc123-0-8f2e] "
             "retrieved 16128 of 16128 required tokens (2.114 GB) in 95.2 ms (22.2 GB/s), 8 groups; waited 12.5 ms "

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..config import Settings
 from ..errors import UserFacingError
-from .cases import BenchCases
+from .protocol import BenchCases
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,9 @@ from pathlib import Path
 from ..main import headless
 from ..preflight import detect_gpus
 from ..runtime import Runtime
-from .cases import TRACE_PRINT_KEYS, engine_log_lines, run_trace
+from .cases import TRACE_PRINT_KEYS, run_trace
 from .job import BenchJob
+from .protocol import engine_log_lines
 
 EVIDENCE_PATTERNS = ("Registering vllm model", "Creating blender", "kvdemo plugin: applied", "LMCache hit tokens",
                      "Number of indices picked", "Retrieved", "kvdemo-profile")

@@ -44,9 +44,9 @@ from ..preflight import choose_gpus, detect_gpus
 from ..runtime import Runtime
 from ..scenarios.blend import PLAIN_LABEL
 from ..vllm_plugin import ALL_FIXES, ANSWER_FIXES, REQUIRED_FIXES
-from .cases import engine_log_lines
 from .job import token_counts
 from .measure import versions
+from .protocol import engine_log_lines
 from .write import gpu_slug
 
 log = logging.getLogger(__name__)

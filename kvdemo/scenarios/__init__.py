@@ -3,7 +3,7 @@
 
 Their names are kvdemo.config's SCENARIO_NAMES, so that config checks --scenario without importing the
 scenarios, which build on config. What else is chosen by scenario lives with whoever chooses it: the page in
-kvdemo/ui/pages.py, the bench protocol in kvdemo/bench/cases.py.
+kvdemo/ui/pages.py, the bench protocol in kvdemo/bench/cases.py (share: share_cases.py).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ One instance per scenario (``SCENARIO`` in scenarios/blend.py and scenarios/shar
 
 The import graph stays one-way (ui, bench → runtime → scenarios → engines/config): a scenario sees the runtime
 only as `RuntimeView`, the little of it that a precompute plan needs, and knows neither its page (the UI's
-kvdemo/ui/pages.py picks that by scenario name) nor its bench protocol (kvdemo/bench/cases.py).
+kvdemo/ui/pages.py picks that by scenario name) nor its bench protocol (kvdemo/bench/cases.py, share_cases.py).
 """
 
 from __future__ import annotations
