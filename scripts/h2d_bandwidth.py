@@ -89,7 +89,8 @@ def spread_h2d_gb_s(cuda: Cuda, dev: ctypes.c_uint64, pool_bytes: int = 4 * 2**3
 
 
 def pcie_link() -> dict:
-    query = "name,pcie.link.gen.current,pcie.link.gen.max,pcie.link.width.current,pcie.link.width.max"
+    query = ("name,driver_version,memory.total,pcie.link.gen.current,pcie.link.gen.max,pcie.link.width.current,"
+             "pcie.link.width.max")
     try:
         out = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"], check=False,
                              capture_output=True,
@@ -107,8 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     group = 8 * CHUNK
     pinned, dev = cuda.pinned(group), cuda.device(group)
     pageable = ctypes.create_string_buffer(group)
+    link = pcie_link()  # read while idle: the current generation may show a power-saving value
     result = {
-        "link": pcie_link(),  # read while idle: the current generation may show a power-saving value
+        "device": link.get("name"), "driver": link.get("driver_version"), "link": link,
+        "command": "python scripts/h2d_bandwidth.py" + (f" --out {a.out}" if a.out else ""),
+        "weights": None, "versions": {"torch": None, "vllm": None, "lmcache": None},  # none used: the driver API
         "h2d_pinned_chunk_gb_s": timed_gb_s(lambda n: cuda.h2d(dev, pinned.value, n), CHUNK, TOTAL, cuda),
         "h2d_pinned_group_gb_s": timed_gb_s(lambda n: cuda.h2d(dev, pinned.value, n), group, TOTAL, cuda),
         "h2d_pageable_chunk_gb_s": timed_gb_s(lambda n: cuda.h2d(dev, ctypes.addressof(pageable), n), CHUNK, TOTAL,
