@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,17 +69,14 @@ def drop_directory(directory: Path, meminfo: Path = MEMINFO) -> DropReport:
     return DropReport(files, size, before, cached_gb(meminfo))
 
 
-def wait_until_settled(directory: Path, quiet_s: float = 0.3, timeout_s: float = 10.0) -> int:
-    """Wait until the directory's total size stops changing for ``quiet_s`` (an engine may still be writing
-    what it stored, asynchronously); returns that size in bytes."""
-    def total() -> int:
-        return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
-
+def wait_until_settled(size_of: Callable[[], int], quiet_s: float = 0.3, timeout_s: float = 10.0) -> int:
+    """Wait until ``size_of()`` (a store's size, e.g. ``KvStore.size_bytes``) stops changing for ``quiet_s``: an
+    engine may still be writing what it stored, asynchronously. Returns that size."""
     deadline = time.monotonic() + timeout_s
-    last, since = total(), time.monotonic()
+    last, since = size_of(), time.monotonic()
     while time.monotonic() < deadline:
         time.sleep(0.05)
-        now = total()
+        now = size_of()
         if now != last:
             last, since = now, time.monotonic()
         elif time.monotonic() - since >= quiet_s:

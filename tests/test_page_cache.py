@@ -38,6 +38,7 @@ def test_wait_until_settled_waits_for_a_writer(tmp_path: Path) -> None:
 
     thread = threading.Thread(target=writer)
     thread.start()
-    size = page_cache.wait_until_settled(tmp_path, quiet_s=0.3, timeout_s=5)
+    size = page_cache.wait_until_settled(lambda: sum(p.stat().st_size for p in tmp_path.iterdir()), quiet_s=0.3,
+                                         timeout_s=5)
     thread.join()
     assert size == 4000

@@ -36,7 +36,7 @@ async def run_share_repeat(runtime: Runtime, context_tokens: int, decode_tokens:
         if store.directory is not None:
             cold_first, cold_second = share_prompts(runtime.builder, context_tokens, f"{tag}-cold")
             await ask(clients["lmcache_a"], cold_first)
-            await asyncio.to_thread(page_cache.wait_until_settled, store.directory)
+            await asyncio.to_thread(page_cache.wait_until_settled, store.size_bytes)
             dropped = await asyncio.to_thread(page_cache.drop_directory, store.directory)
             b_cold = await ask(clients["lmcache_b"], cold_second)
             cold = {"b_after_a_cold_store_ttft_s": b_cold.ttft_s, "cold_store_drop": dropped.as_dict(),
