@@ -180,20 +180,21 @@ def build_plan(positions: Any, n_keys: int, split: bool) -> ExactPlan:
                      n_pages=n_pages)
 
 
-def _flex(query: Any, key: Any, value: Any, block_mask: Any, scale: float, lse: bool = False) -> Any:
-    """FlexAttention on [k, H, d] / [N, Hkv, d] tensors: out [1, H, k, d] (and its LSE [1, H, k])."""
+def _flex(query: Any, key: Any, value: Any, block_mask: Any, scale: float) -> tuple[Any, Any]:
+    """FlexAttention on [k, H, d] / [N, Hkv, d] tensors: out [1, H, k, d] and its LSE [1, H, k].
+
+    Every caller asks for the LSE, so an engine compiles one FlexAttention graph (at warm-up)."""
     q = query.unsqueeze(0).transpose(1, 2)
     k = key.unsqueeze(0).transpose(1, 2)
     v = value.unsqueeze(0).transpose(1, 2)
     kwargs: dict[str, Any] = {}
     aux_request = None
-    if lse:
-        try:
-            from torch.nn.attention.flex_attention import AuxRequest
+    try:
+        from torch.nn.attention.flex_attention import AuxRequest
 
-            aux_request = kwargs["return_aux"] = AuxRequest(lse=True)
-        except ImportError:  # older torch
-            kwargs["return_lse"] = True
+        aux_request = kwargs["return_aux"] = AuxRequest(lse=True)
+    except ImportError:  # older torch
+        kwargs["return_lse"] = True
     result = flex_attention_fn()(q, k, v, block_mask=block_mask, scale=scale,
                                  enable_gqa=query.shape[1] != key.shape[1], **kwargs)
     if aux_request is not None:
@@ -208,7 +209,7 @@ def exact_attention(query: Any, key: Any, value: Any, block_mask: Any, scale: fl
     Asks for the LSE too (and drops it) so this path runs the graph the split path compiled: without it,
     the first short blend of an engine (keys under one block) compiled a second FlexAttention graph, 10 s
     in the middle of a session on an H200."""
-    out, _ = _flex(query, key, value, block_mask, scale, lse=True)
+    out, _ = _flex(query, key, value, block_mask, scale)
     return out.transpose(1, 2).squeeze(0)
 
 
@@ -239,7 +240,7 @@ def exact_attention_split(query: Any, key: Any, value: Any, plan: ExactPlan, sca
                                    cu_seqlens_q=plan.cu_seqlens_q, max_seqlen_k=pages, seqused_k=plan.seqused_k,
                                    softmax_scale=scale, causal=False, block_table=plan.block_table,
                                    return_softmax_lse=True, **kwargs)
-    band_out, band_lse = _flex(query, key, value, plan.mask, scale, lse=True)
+    band_out, band_lse = _flex(query, key, value, plan.mask, scale)
     return merge_by_lse(full_out, full_lse, band_out.transpose(1, 2).squeeze(0), band_lse.squeeze(0))
 
 

@@ -148,8 +148,9 @@ def reference_paged_varlen(q: Any, k: Any, v: Any, max_seqlen_q: int, cu_seqlens
     return out, lse
 
 
-def block_sparse_flex(query: Any, key: Any, value: Any, block_mask: Any, scale: float, lse: bool = False) -> Any:
-    """FlexAttention as its compiled kernels compute it: only the listed blocks, mask_mod inside them.
+def block_sparse_flex(query: Any, key: Any, value: Any, block_mask: Any, scale: float) -> Any:
+    """FlexAttention as its compiled kernels compute it (out and LSE, as kvdemo.blend_mask._flex returns them):
+    only the listed blocks, mask_mod inside them.
 
     (Eager FlexAttention on CPU evaluates mask_mod everywhere and ignores the block lists, so it cannot
     check a band-only mask; the GPU check, python -m kvdemo.blend_mask --self-check, runs the real kernel.)"""
@@ -168,7 +169,7 @@ def block_sparse_flex(query: Any, key: Any, value: Any, block_mask: Any, scale: 
     out_lse = torch.logsumexp(scores, -1)
     probs = torch.nan_to_num(torch.exp(scores - out_lse[..., None]))
     out = torch.einsum("hqk,khd->hqd", probs, v)[None]
-    return (out, out_lse[None]) if lse else out
+    return out, out_lse[None]
 
 
 @pytest.mark.parametrize(("n_keys", "k"), [(1000, 150), (700, 300), (300, 7), (129, 3), (2000, 127)])
