@@ -161,6 +161,7 @@ class ExactPlan:
     seqused_k: Any = None  # keys of the fully visible blocks, per tile
     block_table: Any = None  # [tiles, pages]: every tile reads pages 0.. of the same keys
     n_pages: int = 0
+    cu_seqlens_k: Any = None  # [tiles + 1] zeros: the flat call's tiles all read keys from 0
 
 
 def build_plan(positions: Any, n_keys: int, split: bool) -> ExactPlan:
@@ -177,7 +178,7 @@ def build_plan(positions: Any, n_keys: int, split: bool) -> ExactPlan:
     table = torch.arange(n_pages, device=device, dtype=torch.int32).expand(n_tiles, n_pages).contiguous()
     return ExactPlan(split=True, mask=_block_mask(tiles, k, n_keys, Q_BLOCK, KV_BLOCK, with_full_blocks=False),
                      cu_seqlens_q=cu, seqused_k=(full * KV_BLOCK).to(torch.int32), block_table=table,
-                     n_pages=n_pages)
+                     n_pages=n_pages, cu_seqlens_k=torch.zeros_like(cu))
 
 
 def _flex(query: Any, key: Any, value: Any, block_mask: Any, scale: float) -> tuple[Any, Any]:
@@ -228,29 +229,50 @@ def merge_by_lse(out_a: Any, lse_a: Any, out_b: Any, lse_b: Any) -> Any:
     return (out_a.float() * wa.transpose(0, 1)[..., None] + out_b.float() * wb.transpose(0, 1)[..., None]) / total
 
 
+_compiled_merge: Any = None
+
+
+def merge_by_lse_fused(out_a: Any, lse_a: Any, out_b: Any, lse_b: Any) -> Any:
+    """:func:`merge_by_lse` compiled once per process (one fused kernel instead of about a dozen)."""
+    global _compiled_merge
+    if _compiled_merge is None:
+        import torch
+
+        _compiled_merge = (torch.compile(merge_by_lse, dynamic=True, fullgraph=True)
+                           if torch.cuda.is_available() else merge_by_lse)
+    return _compiled_merge(out_a, lse_a, out_b, lse_b)
+
+
 def exact_attention_split(query: Any, key: Any, value: Any, plan: ExactPlan, scale: float, fa_varlen: Any,
-                          fa_version: int | None = None) -> Any:
-    """The split path of :class:`ExactPlan`: FlashAttention for full blocks + FlexAttention for the band."""
+                          fa_version: int | None = None, paged: bool = True, fused_merge: bool = False) -> Any:
+    """The split path of :class:`ExactPlan`: FlashAttention for full blocks + FlexAttention for the band.
+
+    ``paged``: FlashAttention reads the keys through the plan's block table; otherwise every tile reads the
+    contiguous keys from offset 0 (``cu_seqlens_k`` zeros, ``seqused_k`` per tile). ``fused_merge``: the
+    log-sum-exp merge as one compiled kernel."""
     pages = plan.n_pages * KV_BLOCK
-    hkv, d = key.shape[1], key.shape[2]
-    k_cache = key[:pages].view(plan.n_pages, KV_BLOCK, hkv, d)
-    v_cache = value[:pages].view(plan.n_pages, KV_BLOCK, hkv, d)
     kwargs = {"fa_version": fa_version} if fa_version is not None else {}
-    full_out, full_lse = fa_varlen(q=query, k=k_cache, v=v_cache, max_seqlen_q=Q_BLOCK,
-                                   cu_seqlens_q=plan.cu_seqlens_q, max_seqlen_k=pages, seqused_k=plan.seqused_k,
-                                   softmax_scale=scale, causal=False, block_table=plan.block_table,
-                                   return_softmax_lse=True, **kwargs)
+    if paged:
+        hkv, d = key.shape[1], key.shape[2]
+        kwargs.update(k=key[:pages].view(plan.n_pages, KV_BLOCK, hkv, d),
+                      v=value[:pages].view(plan.n_pages, KV_BLOCK, hkv, d), block_table=plan.block_table)
+    else:
+        kwargs.update(k=key, v=value, cu_seqlens_k=plan.cu_seqlens_k)
+    full_out, full_lse = fa_varlen(q=query, max_seqlen_q=Q_BLOCK, cu_seqlens_q=plan.cu_seqlens_q,
+                                   max_seqlen_k=pages, seqused_k=plan.seqused_k, softmax_scale=scale,
+                                   causal=False, return_softmax_lse=True, **kwargs)
     band_out, band_lse = _flex(query, key, value, plan.mask, scale)
-    return merge_by_lse(full_out, full_lse, band_out.transpose(1, 2).squeeze(0), band_lse.squeeze(0))
+    merge = merge_by_lse_fused if fused_merge else merge_by_lse
+    return merge(full_out, full_lse, band_out.transpose(1, 2).squeeze(0), band_lse.squeeze(0))
 
 
 def run_plan(query: Any, key: Any, value: Any, plan: ExactPlan, scale: float, fa_varlen: Any = None,
-             fa_version: int | None = None) -> Any:
-    """Exact attention [k, H, d] of one layer under a request's plan."""
+             fa_version: int | None = None, paged: bool = True, fused_merge: bool = False) -> Any:
+    """Exact attention [k, H, d] of one layer under a request's plan (options: :func:`exact_attention_split`)."""
     if plan.split:
         if fa_varlen is None:
             raise ValueError("a split plan needs FlashAttention's varlen function")
-        return exact_attention_split(query, key, value, plan, scale, fa_varlen, fa_version)
+        return exact_attention_split(query, key, value, plan, scale, fa_varlen, fa_version, paged, fused_merge)
     return exact_attention(query, key, value, plan.mask, scale)
 
 
@@ -310,32 +332,46 @@ SELF_CHECK_SHAPES = (  # (name, N keys, ratio, heads, kv heads, head dim, where 
     ("smollm2-135m 6K", 6000, 0.15, 9, 3, 64, "spread"),
     ("mistral-7b 16K", 16384, 0.15, 32, 8, 128, "spread"),
     ("mistral-7b 16K late", 16384, 0.15, 32, 8, 128, "late"),
+    ("mistral-7b 16K chunk starts", 16384, 0.15, 32, 8, 128, "chunks"),
     ("mistral-7b 24K", 24576, 0.15, 32, 8, 128, "spread"),
     ("mistral-7b 24K late", 24576, 0.15, 32, 8, 128, "late"),
+    ("mistral-7b 24K chunk starts", 24576, 0.15, 32, 8, 128, "chunks"),
     ("mistral-7b 16K r0.02", 16384, 0.02, 32, 8, 128, "spread"),
     ("mistral-7b 16K r0.50", 16384, 0.50, 32, 8, 128, "spread"),
 )
+CHUNKS = 8  # the "chunks" pattern: the first tokens of each of this many equal chunks
 
 
 def check_positions(n_keys: int, k: int, where: str) -> Any:
-    """Recomputed positions: spread over the prompt, or all in its last quarter (the costliest case)."""
+    """Recomputed positions: spread over the prompt, all in its last quarter (the costliest case), or the
+    first ``k / CHUNKS`` tokens of each of ``CHUNKS`` equal chunks."""
+    import torch
+
     if where == "late":
         start = n_keys - max(k, n_keys // 4)
         return spread_positions(n_keys - start, k) + start
+    if where == "chunks":
+        per, size = -(-k // CHUNKS), n_keys // CHUNKS
+        starts = torch.arange(CHUNKS)[:, None] * size + torch.arange(min(per, size))[None, :]
+        return starts.flatten()[:k].sort().values
     return spread_positions(n_keys, k)
 
 
-def _time_ms(fn: Any, iters: int) -> float:
+def _time_ms(fn: Any, iters: int) -> tuple[float, float]:
+    """(GPU-bound ms per call: back to back, one sync at the end; host ms per call: the Python call alone)."""
     import torch
 
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     fn()
     sync()
+    host = 0.0
     start = time.perf_counter()
     for _ in range(iters):
+        t = time.perf_counter()
         fn()
+        host += time.perf_counter() - t
     sync()
-    return (time.perf_counter() - start) / iters * 1e3
+    return (time.perf_counter() - start) / iters * 1e3, host / iters * 1e3
 
 
 def vllm_fa_bottom_right(fa_varlen: Any) -> Any:
@@ -351,9 +387,19 @@ def vllm_fa_bottom_right(fa_varlen: Any) -> Any:
     return call
 
 
+def _timed(row: dict, name: str, fn: Any, iters: int, want: Any = None) -> None:
+    """Add ``<name>_ms`` and ``<name>_host_ms`` (and the max abs error against ``want``) to ``row``."""
+    if want is not None:
+        row[f"max_abs_err_{name}"] = (fn().float() - want).abs().max().item()
+    row[f"{name}_ms"], row[f"{name}_host_ms"] = _time_ms(fn, iters)
+
+
 def self_check(iters: int = 20, device_name: str = "cuda", shapes: tuple = SELF_CHECK_SHAPES,
                fa: Any = None) -> dict:
-    """Exact paths vs an SDPA oracle (max abs error) and their time vs the bottom-right call, on this GPU."""
+    """Exact paths vs an SDPA oracle (max abs error) and their time vs the bottom-right call, on this GPU.
+
+    Every variant of the split path is timed (paged or flat FlashAttention, eager or fused merge), GPU time
+    per call and the host's time to issue it: a blend is host-bound where the host's is the larger."""
     import torch
 
     device = torch.device(device_name)
@@ -370,22 +416,24 @@ def self_check(iters: int = 20, device_name: str = "cuda", shapes: tuple = SELF_
         scale = 1 / math.sqrt(d)
         want = reference_attention(q.float(), key.float(), val.float(), pos, scale)
         flex_plan = build_plan(pos, n, split=False)
-        row = {"case": name, "n_keys": n, "queries": k, "heads": h, "kv_heads": hkv, "head_dim": d,
-               "positions": where,
-               "max_abs_err_bottom_right": (bottom_right_attention(q, key, val, scale).float() - want)
-               .abs().max().item(),
-               "max_abs_err_flex": (run_plan(q, key, val, flex_plan, scale).float() - want).abs().max().item(),
-               "plan_flex_ms": _time_ms(functools.partial(build_plan, pos, n, False), iters),
-               "exact_flex_ms": _time_ms(functools.partial(run_plan, q, key, val, flex_plan, scale), iters)}
+        row: dict[str, Any] = {"case": name, "n_keys": n, "queries": k, "heads": h, "kv_heads": hkv,
+                               "head_dim": d, "positions": where,
+                               "max_abs_err_bottom_right": (bottom_right_attention(q, key, val, scale).float()
+                                                            - want).abs().max().item()}
+        _timed(row, "plan_flex", functools.partial(build_plan, pos, n, False), iters)
+        _timed(row, "exact_flex", functools.partial(run_plan, q, key, val, flex_plan, scale), iters, want)
         if fa is not None:
             split_plan = build_plan(pos, n, split=True)
-            split = functools.partial(run_plan, q, key, val, split_plan, scale, fa, 3)
-            row.update({
-                "max_abs_err_split": (split().float() - want).abs().max().item(),
-                "plan_split_ms": _time_ms(functools.partial(build_plan, pos, n, True), iters),
-                "exact_split_ms": _time_ms(split, iters),
-                "bottom_right_vllm_fa3_ms": _time_ms(
-                    functools.partial(vllm_fa_bottom_right(fa), q, key, val, scale), iters)})
+            _, full, first, last, _, _ = _tiles(pos, n, Q_BLOCK, KV_BLOCK)
+            row.update(tiles=int(full.shape[0]), full_blocks=int(full.sum()),
+                       band_blocks=int((last - first + 1).clamp(min=0).sum()))
+            _timed(row, "plan_split", functools.partial(build_plan, pos, n, True), iters)
+            for variant, paged, fused in (("split", True, False), ("split_flat", False, False),
+                                          ("split_fused", True, True), ("split_flat_fused", False, True)):
+                _timed(row, f"exact_{variant}", functools.partial(run_plan, q, key, val, split_plan, scale, fa, 3,
+                                                                  paged, fused), iters, want)
+            _timed(row, "bottom_right_vllm_fa3", functools.partial(vllm_fa_bottom_right(fa), q, key, val, scale),
+                   iters)
         rows.append(row)
         print(json.dumps(row), flush=True)
     gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else device_name
@@ -409,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
             f.write(text + "\n")
     print(text)
     bad = [r["case"] for r in result["cases"]
-           if max(r["max_abs_err_flex"], r.get("max_abs_err_split", 0.0)) > 2e-2]
+           if max(v for key, v in r.items() if key.startswith("max_abs_err_exact")) > 2e-2]
     if bad:
         print(f"kvdemo.blend_mask: exact mask differs from the oracle in {bad}", file=sys.stderr)
         return 1

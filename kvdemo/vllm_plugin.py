@@ -17,13 +17,13 @@ Environment:
     switch the plugin on (otherwise :func:`register` returns at once).
 ``KVDEMO_PLUGIN_FIXES``
     comma list of fixes, default ``all`` =
-    ``register,mistral,split,short,mask,rope,sync,kernels,tokens,lookup,pipeline,quiet``. ``-name``
+    ``register,mistral,split,short,mask,rope,sync,kernels,tokens,lookup,pipeline,quiet,telemetry``. ``-name``
     removes one (``all,-sync``), ``none`` applies nothing. ``register``/``mistral``/``split`` are needed for
     blending to work at all; ``short`` stores prompts shorter than one LMCache chunk (an upload's last chunk
     was never stored without it); ``mask`` gives recomputed tokens the causal mask of their true positions
     (it changes answers, on purpose: see kvdemo.blend_mask); the others are speed fixes a benchmark can
     switch off (``pipeline`` acts on the KV-sharing scenario's loads from the shared store,
-    the rest on blending).
+    the rest on blending; ``telemetry`` writes the per-request records below).
 ``KVDEMO_TELEMETRY_DIR=DIR``
     one JSON line per request LMCache loads for (kvdemo.lmcache_patches.telemetry): what the app shows
     under each answer.
@@ -83,6 +83,7 @@ FIXES: dict[str, tuple[tuple[str, Patch], ...]] = {
     "lookup": lookup.PATCHES,
     "pipeline": pipeline.PATCHES,
     "quiet": (),
+    "telemetry": (),
 }
 ALL_FIXES: tuple[str, ...] = tuple(FIXES)
 # Fixes blending needs to run at all, and fixes that change answers on purpose: the "minimal" plugin the
@@ -117,7 +118,7 @@ def register() -> None:
                     hooks.when_imported(module_name, patch)
         if "quiet" in fixes:
             quiet.install_quiet_filter()
-        if os.environ.get(ENV_TELEMETRY_DIR):
+        if "telemetry" in fixes and os.environ.get(ENV_TELEMETRY_DIR):
             telemetry.arm(os.environ[ENV_TELEMETRY_DIR], hooks.when_imported)
         if profiling:
             profile.arm_profiling()

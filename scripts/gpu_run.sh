@@ -58,6 +58,10 @@ for step in "$@"; do
         --log-dir "$logs" --contexts 4000,8000,16000,24000 --repeats 3 --decode-tokens 256 \
         --ask "$QUESTION" ${BENCH_ARGS:-} 2>&1 | tee "$TXT/bench.txt" | grep -v " INFO "
       rc=$((rc | PIPESTATUS[0]))
+      # fails loudly when a blended repeat is over 20 % slower than the median of its repeats
+      result=$(grep -oE "kvdemo.bench: wrote [^ ]+\.json" "$TXT/bench.txt" | tail -1 | cut -d' ' -f3)
+      if [[ -n $result ]]; then python -m kvdemo.bench.spread "$result" || rc=1; fi
+      cp -r "$logs/telemetry" "$TXT/bench-telemetry" 2>/dev/null
       keep_logs bench "$logs" "lmcache plain" ;;
     share)
       timeout ${SHARE_TIMEOUT:-400} python -m kvdemo.bench --scenario share --model $MODEL \

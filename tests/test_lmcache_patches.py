@@ -163,15 +163,30 @@ class _Sized:
 
 
 def test_register_arms_telemetry_only_when_asked(monkeypatch, tmp_path):
+    """Telemetry needs its directory (the app sets it) and the fix 'telemetry' (in 'all'; '-telemetry' drops it)."""
     armed: list[str] = []
     monkeypatch.setenv(vp.ENV_ENABLE, "1")
-    monkeypatch.setenv(vp.ENV_FIXES, "none")
+    monkeypatch.setenv(vp.ENV_FIXES, "telemetry")
     monkeypatch.setattr(hooks, "module_available", lambda name: True)
     monkeypatch.setattr(hooks, "when_imported", lambda name, cb: armed.append(name))
     vp.register()
-    assert armed == []
-    vp._reset_for_tests()
+    assert armed == []  # no directory
     monkeypatch.setenv(vp.ENV_TELEMETRY_DIR, str(tmp_path / "t"))
+    arms: list[str] = []
+    monkeypatch.setattr(vp.telemetry, "arm", lambda directory, when: arms.append(directory))
+    for fixes in ("none", "all,-telemetry", "all"):
+        vp._reset_for_tests()
+        monkeypatch.setenv(vp.ENV_FIXES, fixes)
+        vp.register()
+    assert arms == [str(tmp_path / "t")]  # 'all' only
+    monkeypatch.undo()
+    monkeypatch.setenv(vp.ENV_ENABLE, "1")
+    monkeypatch.setenv(vp.ENV_TELEMETRY_DIR, str(tmp_path / "t"))
+    monkeypatch.setattr(hooks, "module_available", lambda name: True)
+    monkeypatch.setattr(hooks, "when_imported", lambda name, cb: armed.append(name))
+    armed.clear()
+    vp._reset_for_tests()
+    monkeypatch.setenv(vp.ENV_FIXES, "telemetry")
     vp.register()
     assert armed == ["lmcache.integration.vllm.vllm_v1_adapter", "lmcache.v1.compute.blend.blender"]
     assert (tmp_path / "t").is_dir()

@@ -69,7 +69,7 @@ async def run_repeat(runtime: Runtime, context_tokens: int, decode_tokens: int, 
 
 
 async def run_trace(runtime: Runtime, context_tokens: int, tag: str, trace_dir: Path,
-                    timeout_s: float = 120.0) -> dict:
+                    timeout_s: float = 120.0, label: str | None = None) -> dict:
     """One extra blended, reordered request with the torch profiler on in the LMCache engine.
 
     Fresh chunks are precomputed and one untraced reordered question warms the path; then the arm file
@@ -83,7 +83,7 @@ async def run_trace(runtime: Runtime, context_tokens: int, tag: str, trace_dir: 
     per_chunk = (context_tokens - len(sys_ids) - len(q_warm)) // CHUNKS_PER_PROMPT - len(builder.sep_ids)
     chunks = synthetic_chunks(builder, CHUNKS_PER_PROMPT, per_chunk, tag)
     blend = runtime.lmcache_engine.client()
-    label = f"trace-{context_tokens}"
+    label = label or f"trace-{context_tokens}"
     summary_path = trace_dir / f"{label}-summary.json"
     try:
         for ids in builder.precompute_layout(sys_ids, chunks):

@@ -92,9 +92,10 @@ async def _all_cases(job: BenchJob, runtime: Runtime, trace_dir: Path | None, tr
             repeats.append(rep)
         job.cases.annotate(runtime, repeats)
         cases.append(job.cases.summarize(ctx, repeats))
-    for ctx in job.trace_contexts:
+    for i, ctx in enumerate(job.trace_contexts):
         assert trace_dir is not None
-        traces.append(await run_trace(runtime, ctx, f"trace-{ctx}-{uuid.uuid4().hex[:6]}", trace_dir))
+        label = f"trace-{ctx}" + (f"-{i}" if job.trace_contexts.count(ctx) > 1 else "")  # a context traced twice
+        traces.append(await run_trace(runtime, ctx, f"trace-{ctx}-{uuid.uuid4().hex[:6]}", trace_dir, label=label))
         print(f"kvdemo.bench: traced a {ctx}-token blend: " + ", ".join(
             f"{k}={traces[-1][k]}" for k in TRACE_PRINT_KEYS), flush=True)
     return cases

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from types import ModuleType
 from typing import Any
 
@@ -20,6 +21,19 @@ from .targets import MOD_ATTN_METADATA, MOD_FLASH_ATTN
 
 PLAN_ATTR = "_kvdemo_exact_plan"
 _said: set[str] = set()
+# Layers computed by the exact path / by LMCache's call after a fallback, since the engine started: the
+# telemetry record of a request holds the difference over its load (per-request evidence, no sync).
+layer_counts = {"exact": 0, "fallback": 0}
+
+
+ENV_VARIANT = "KVDEMO_MASK_VARIANT"  # comma list: flat (FlashAttention without the page table), fused (merge)
+
+
+@functools.cache
+def split_options() -> dict[str, bool]:
+    """The split path's options from ``KVDEMO_MASK_VARIANT`` (kvdemo.blend_mask.exact_attention_split)."""
+    chosen = {v.strip() for v in os.environ.get(ENV_VARIANT, "").split(",") if v.strip()}
+    return {"paged": "flat" not in chosen, "fused_merge": "fused" in chosen}
 
 
 @functools.cache
@@ -36,9 +50,11 @@ def say_once(key: str, text: str, *args: Any, level: int = logging.INFO) -> None
 
 
 def reset() -> None:
-    """Forget what was said and the FlashAttention lookup (tests)."""
+    """Forget what was said, the layer counts and the FlashAttention lookup (tests)."""
     _said.clear()
+    layer_counts.update(exact=0, fallback=0)
     flash_attn_varlen.cache_clear()
+    split_options.cache_clear()
 
 
 def _version_ok() -> bool:
@@ -91,19 +107,24 @@ def patch_mask_attention(module: ModuleType) -> None:
                                **kwargs: Any) -> Any:
             plan = getattr(attn_metadata, PLAN_ATTR, None)
             impl = self.vllm_attn_impl
-            if plan is not None and query.shape[0] < key.shape[0] and exact_mask_applies(impl):
-                try:
-                    output.copy_(blend_mask.run_plan(query, key, value, plan, impl.scale, flash_attn_varlen(),
-                                                     getattr(impl, "vllm_flash_attn_version", None)))
-                    say_once("used", "kvdemo plugin: mask: exact causal attention for %d recomputed of %d "
-                             "tokens (%s)", query.shape[0], key.shape[0],
-                             "FlashAttention on fully visible blocks + FlexAttention on the diagonal band"
-                             if getattr(plan, "split", False) else "FlexAttention block mask")
-                    return output
-                except Exception as exc:  # noqa: BLE001 - fall back for the rest of this request
-                    setattr(attn_metadata, PLAN_ATTR, None)
-                    say_once("attn-failed", "kvdemo plugin: mask: exact attention failed (%s: %s); LMCache's "
-                             "FlashAttention call is used", type(exc).__name__, exc, level=logging.WARNING)
+            if plan is not None and query.shape[0] < key.shape[0]:
+                if exact_mask_applies(impl):
+                    try:
+                        output.copy_(blend_mask.run_plan(query, key, value, plan, impl.scale,
+                                                         flash_attn_varlen(),
+                                                         getattr(impl, "vllm_flash_attn_version", None),
+                                                         **split_options()))
+                        layer_counts["exact"] += 1
+                        say_once("used", "kvdemo plugin: mask: exact causal attention for %d recomputed of %d "
+                                 "tokens (%s)", query.shape[0], key.shape[0],
+                                 "FlashAttention on fully visible blocks + FlexAttention on the diagonal band"
+                                 if getattr(plan, "split", False) else "FlexAttention block mask")
+                        return output
+                    except Exception as exc:  # noqa: BLE001 - fall back for the rest of this request
+                        setattr(attn_metadata, PLAN_ATTR, None)
+                        say_once("attn-failed", "kvdemo plugin: mask: exact attention failed (%s: %s); LMCache's "
+                                 "FlashAttention call is used", type(exc).__name__, exc, level=logging.WARNING)
+                layer_counts["fallback"] += 1
             return original(self, query, key, value, output, attn_metadata, **kwargs)
         return forward_contiguous
 

@@ -7,12 +7,15 @@ connector's ``start_load_kv`` is wrapped: for each request it loads, one JSON li
 header and finds its line, kvdemo.telemetry), the tokens LMCache had (hit), the prefix vLLM already had,
 the tokens loaded and their KV bytes (tokens × LMCache's bytes per token), the tokens the blender picked to
 recompute at its check layer (``LMCBlender.process_qkv``), and how long the load took: host time of the
-call, and GPU time between CUDA events around it (blending: load + recompute of the hit tokens). The GPU
-time is read by a small thread once the end event completes, so the engine step never waits for it.
+call, and GPU time between CUDA events around it (blending: load + recompute of the hit tokens), the
+Python garbage collector's pauses inside the call, and how many attention layers the exact mask computed
+(or fell back on LMCache's call). The GPU time is read by a small thread once the end event completes, so
+the engine step never waits for it.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import threading
@@ -22,11 +25,34 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from . import mask
 from .hooks import logger, wrap_method
 from .targets import MOD_ADAPTER, MOD_BLENDER
 
 ENV_TELEMETRY_DIR = "KVDEMO_TELEMETRY_DIR"
 _write_lock = threading.Lock()
+
+
+class GcPauses:
+    """Milliseconds the garbage collector has paused this process so far (a ``gc.callbacks`` entry)."""
+
+    def __init__(self) -> None:
+        self.total_ms = 0.0
+        self._started: float | None = None
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif self._started is not None:
+            self.total_ms += (time.perf_counter() - self._started) * 1e3
+            self._started = None
+
+    def install(self) -> None:
+        if self not in gc.callbacks:
+            gc.callbacks.append(self)
+
+
+gc_pauses = GcPauses()
 
 
 def record_path(directory: Path, pid: int | None = None) -> Path:
@@ -105,10 +131,12 @@ def _finish(directory: Path, records: list[dict[str, Any]], events: tuple[Any, A
         record["load_gpu_ms"] = gpu_ms
         write_record(directory, record)
         logger.info("kvdemo telemetry: [req_id=%s] prompt %d, LMCache hit %d, vLLM prefix %d, loaded %d (%s bytes), "
-                    "recomputed %s of %s, load host %.1f ms, GPU %s ms", record["req_id"], record["prompt_tokens"],
+                    "recomputed %s of %s, load host %.1f ms, GPU %s ms, GC %.1f ms, exact-mask layers %d "
+                    "(fallback %d)", record["req_id"], record["prompt_tokens"],
                     record["lmcache_hit_tokens"], record["vllm_prefix_tokens"], record["loaded_tokens"],
                     record["kv_bytes_loaded"], record["recomputed_tokens"], record["blend_tokens"],
-                    record["load_host_ms"], gpu_ms)
+                    record["load_host_ms"], gpu_ms, record["gc_pause_ms"], record["exact_mask_layers"],
+                    record["mask_fallback_layers"])
 
 
 def patch_start_load_kv(module: ModuleType, directory: Path) -> None:
@@ -122,9 +150,12 @@ def patch_start_load_kv(module: ModuleType, directory: Path) -> None:
             if blender is not None:
                 blender._kvdemo_picked = []
             events = _cuda_events()
+            gc_before, masked_before = gc_pauses.total_ms, dict(mask.layer_counts)
             t0 = time.perf_counter()
             result = original(self, *args, **kwargs)
             host_ms = round((time.perf_counter() - t0) * 1e3, 3)
+            gc_ms = round(gc_pauses.total_ms - gc_before, 3)
+            masked = {k: v - masked_before[k] for k, v in mask.layer_counts.items()}
             if events is not None:
                 events[1].record()
             picked = list(getattr(blender, "_kvdemo_picked", None) or [])
@@ -134,7 +165,9 @@ def patch_start_load_kv(module: ModuleType, directory: Path) -> None:
                               recomputed_tokens=picked[i][0] if i < len(picked) else None,
                               blend_tokens=picked[i][1] if i < len(picked) else None,
                               kv_bytes_loaded=record["loaded_tokens"] * per_token if per_token else None,
-                              load_host_ms=host_ms, requests_in_step=len(requests), time=time.time())
+                              load_host_ms=host_ms, gc_pause_ms=gc_ms, exact_mask_layers=masked["exact"],
+                              mask_fallback_layers=masked["fallback"], requests_in_step=len(requests),
+                              time=time.time())
             threading.Thread(target=_finish, args=(directory, requests, events), daemon=True,
                              name="kvdemo-telemetry").start()
             return result
@@ -169,5 +202,6 @@ def arm(directory: str, when_imported: Callable[[str, Callable[[ModuleType], Non
     except OSError as exc:
         logger.warning("kvdemo plugin: telemetry directory %s unusable (%s); no per-request records", path, exc)
         return
+    gc_pauses.install()
     when_imported(MOD_ADAPTER, lambda module: patch_start_load_kv(module, path))
     when_imported(MOD_BLENDER, patch_process_qkv)
