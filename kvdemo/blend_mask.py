@@ -161,7 +161,6 @@ class ExactPlan:
     seqused_k: Any = None  # keys of the fully visible blocks, per tile
     block_table: Any = None  # [tiles, pages]: every tile reads pages 0.. of the same keys
     n_pages: int = 0
-    cu_seqlens_k: Any = None  # [tiles + 1] zeros: the flat call's tiles all read keys from 0
 
 
 def build_plan(positions: Any, n_keys: int, split: bool) -> ExactPlan:
@@ -178,7 +177,7 @@ def build_plan(positions: Any, n_keys: int, split: bool) -> ExactPlan:
     table = torch.arange(n_pages, device=device, dtype=torch.int32).expand(n_tiles, n_pages).contiguous()
     return ExactPlan(split=True, mask=_block_mask(tiles, k, n_keys, Q_BLOCK, KV_BLOCK, with_full_blocks=False),
                      cu_seqlens_q=cu, seqused_k=(full * KV_BLOCK).to(torch.int32), block_table=table,
-                     n_pages=n_pages, cu_seqlens_k=torch.zeros_like(cu))
+                     n_pages=n_pages)
 
 
 def _flex(query: Any, key: Any, value: Any, block_mask: Any, scale: float) -> tuple[Any, Any]:
@@ -244,35 +243,31 @@ def merge_by_lse_fused(out_a: Any, lse_a: Any, out_b: Any, lse_b: Any) -> Any:
 
 
 def exact_attention_split(query: Any, key: Any, value: Any, plan: ExactPlan, scale: float, fa_varlen: Any,
-                          fa_version: int | None = None, paged: bool = True, fused_merge: bool = False) -> Any:
+                          fa_version: int | None = None, fused_merge: bool = False) -> Any:
     """The split path of :class:`ExactPlan`: FlashAttention for full blocks + FlexAttention for the band.
 
-    ``paged``: FlashAttention reads the keys through the plan's block table; otherwise every tile reads the
-    contiguous keys from offset 0 (``cu_seqlens_k`` zeros, ``seqused_k`` per tile). ``fused_merge``: the
-    log-sum-exp merge as one compiled kernel."""
+    ``fused_merge``: the log-sum-exp merge as one compiled kernel."""
     pages = plan.n_pages * KV_BLOCK
+    hkv, d = key.shape[1], key.shape[2]
+    k_cache = key[:pages].view(plan.n_pages, KV_BLOCK, hkv, d)
+    v_cache = value[:pages].view(plan.n_pages, KV_BLOCK, hkv, d)
     kwargs = {"fa_version": fa_version} if fa_version is not None else {}
-    if paged:
-        hkv, d = key.shape[1], key.shape[2]
-        kwargs.update(k=key[:pages].view(plan.n_pages, KV_BLOCK, hkv, d),
-                      v=value[:pages].view(plan.n_pages, KV_BLOCK, hkv, d), block_table=plan.block_table)
-    else:
-        kwargs.update(k=key, v=value, cu_seqlens_k=plan.cu_seqlens_k)
-    full_out, full_lse = fa_varlen(q=query, max_seqlen_q=Q_BLOCK, cu_seqlens_q=plan.cu_seqlens_q,
-                                   max_seqlen_k=pages, seqused_k=plan.seqused_k, softmax_scale=scale,
-                                   causal=False, return_softmax_lse=True, **kwargs)
+    full_out, full_lse = fa_varlen(q=query, k=k_cache, v=v_cache, max_seqlen_q=Q_BLOCK,
+                                   cu_seqlens_q=plan.cu_seqlens_q, max_seqlen_k=pages, seqused_k=plan.seqused_k,
+                                   softmax_scale=scale, causal=False, block_table=plan.block_table,
+                                   return_softmax_lse=True, **kwargs)
     band_out, band_lse = _flex(query, key, value, plan.mask, scale)
     merge = merge_by_lse_fused if fused_merge else merge_by_lse
     return merge(full_out, full_lse, band_out.transpose(1, 2).squeeze(0), band_lse.squeeze(0))
 
 
 def run_plan(query: Any, key: Any, value: Any, plan: ExactPlan, scale: float, fa_varlen: Any = None,
-             fa_version: int | None = None, paged: bool = True, fused_merge: bool = False) -> Any:
+             fa_version: int | None = None, fused_merge: bool = False) -> Any:
     """Exact attention [k, H, d] of one layer under a request's plan (options: :func:`exact_attention_split`)."""
     if plan.split:
         if fa_varlen is None:
             raise ValueError("a split plan needs FlashAttention's varlen function")
-        return exact_attention_split(query, key, value, plan, scale, fa_varlen, fa_version, paged, fused_merge)
+        return exact_attention_split(query, key, value, plan, scale, fa_varlen, fa_version, fused_merge)
     return exact_attention(query, key, value, plan.mask, scale)
 
 
@@ -398,7 +393,7 @@ def self_check(iters: int = 20, device_name: str = "cuda", shapes: tuple = SELF_
                fa: Any = None) -> dict:
     """Exact paths vs an SDPA oracle (max abs error) and their time vs the bottom-right call, on this GPU.
 
-    Every variant of the split path is timed (paged or flat FlashAttention, eager or fused merge), GPU time
+    Both variants of the split path are timed (eager or fused merge), GPU time
     per call and the host's time to issue it: a blend is host-bound where the host's is the larger."""
     import torch
 
@@ -428,10 +423,9 @@ def self_check(iters: int = 20, device_name: str = "cuda", shapes: tuple = SELF_
             row.update(tiles=int(full.shape[0]), full_blocks=int(full.sum()),
                        band_blocks=int((last - first + 1).clamp(min=0).sum()))
             _timed(row, "plan_split", functools.partial(build_plan, pos, n, True), iters)
-            for variant, paged, fused in (("split", True, False), ("split_flat", False, False),
-                                          ("split_fused", True, True), ("split_flat_fused", False, True)):
+            for variant, fused in (("split", False), ("split_fused", True)):
                 _timed(row, f"exact_{variant}", functools.partial(run_plan, q, key, val, split_plan, scale, fa, 3,
-                                                                  paged, fused), iters, want)
+                                                                  fused), iters, want)
             _timed(row, "bottom_right_vllm_fa3", functools.partial(vllm_fa_bottom_right(fa), q, key, val, scale),
                    iters)
         rows.append(row)

@@ -180,12 +180,11 @@ def block_sparse_flex(query: Any, key: Any, value: Any, block_mask: Any, scale: 
     return out, out_lse[None]
 
 
-@pytest.mark.parametrize(("paged", "fused"), [(True, False), (False, False), (False, True)])
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize(("n_keys", "k"), [(1000, 150), (700, 300), (300, 7), (129, 3), (2000, 127)])
-def test_split_plan_matches_oracle(n_keys: int, k: int, paged: bool, fused: bool,
-                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """FlashAttention on fully visible blocks (paged or flat keys) + FlexAttention on the band, merged (eager
-    or fused): the exact attention."""
+def test_split_plan_matches_oracle(n_keys: int, k: int, fused: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """FlashAttention on fully visible blocks + FlexAttention on the band, merged (eager or fused): the exact
+    attention."""
     torch = pytest.importorskip("torch")
     monkeypatch.setattr(bm, "_flex", block_sparse_flex)
     pos = bm.spread_positions(n_keys, k, seed=k)
@@ -194,7 +193,7 @@ def test_split_plan_matches_oracle(n_keys: int, k: int, paged: bool, fused: bool
                    torch.randn(n_keys, 2, 16, generator=g))
     plan = bm.build_plan(pos, n_keys, split=True)
     assert plan.split
-    got = bm.run_plan(q, key, val, plan, 0.25, reference_paged_varlen, paged=paged, fused_merge=fused)
+    got = bm.run_plan(q, key, val, plan, 0.25, reference_paged_varlen, fused_merge=fused)
     want = bm.reference_attention(q, key, val, pos, 0.25)
     assert torch.allclose(got, want, atol=1e-5)
     assert torch.allclose(bm.run_plan(q, key, val, bm.build_plan(pos, n_keys, split=False), 0.25), want, atol=1e-5)

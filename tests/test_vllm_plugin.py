@@ -1160,8 +1160,8 @@ def mask_fakes(fakes: Fakes, monkeypatch: pytest.MonkeyPatch) -> Fakes:
         return ("plan", tuple(positions), n_keys, split)
 
     def exact(query: FakeRows, key: FakeRows, value: FakeRows, plan: Any, scale: float, fa: Any,
-              fa_version: Any, paged: bool, fused_merge: bool) -> FakeRows:
-        assert (paged, fused_merge) == (True, False)  # the split path's defaults (no KVDEMO_MASK_VARIANT)
+              fa_version: Any, fused_merge: bool) -> FakeRows:
+        assert not fused_merge  # the split path's default (no KVDEMO_MASK_VARIANT)
         fakes.exact_calls.append((plan, scale))
         return FakeRows(query.shape[0], "exact")
 

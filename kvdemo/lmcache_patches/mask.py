@@ -26,14 +26,14 @@ _said: set[str] = set()
 layer_counts = {"exact": 0, "fallback": 0}
 
 
-ENV_VARIANT = "KVDEMO_MASK_VARIANT"  # comma list: flat (FlashAttention without the page table), fused (merge)
+ENV_VARIANT = "KVDEMO_MASK_VARIANT"  # comma list; "fused": the split path's merge as one compiled kernel
 
 
 @functools.cache
 def split_options() -> dict[str, bool]:
     """The split path's options from ``KVDEMO_MASK_VARIANT`` (kvdemo.blend_mask.exact_attention_split)."""
     chosen = {v.strip() for v in os.environ.get(ENV_VARIANT, "").split(",") if v.strip()}
-    return {"paged": "flat" not in chosen, "fused_merge": "fused" in chosen}
+    return {"fused_merge": "fused" in chosen}
 
 
 @functools.cache
