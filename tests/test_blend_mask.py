@@ -122,32 +122,24 @@ def test_block_mask_tensors_match_plan() -> None:
 
 
 def reference_paged_varlen(q: Any, k: Any, v: Any, max_seqlen_q: int, cu_seqlens_q: Any, max_seqlen_k: int,
-                           seqused_k: Any, softmax_scale: float, causal: bool, return_softmax_lse: bool,
-                           block_table: Any = None, cu_seqlens_k: Any = None,
-                           fa_version: int | None = None) -> tuple[Any, Any]:
-    """FlashAttention's varlen call, as vLLM documents it, in plain torch: paged (``block_table``, k/v as
-    [pages, page, heads, dim]) or flat (sequence b reads ``seqused_k[b]`` keys from ``cu_seqlens_k[b]``).
-    An empty sequence gives zeros and an LSE of +inf (FA2's convention; FA3 writes -inf: the merge must take
-    both)."""
+                           seqused_k: Any, softmax_scale: float, causal: bool, block_table: Any,
+                           return_softmax_lse: bool, fa_version: int | None = None) -> tuple[Any, Any]:
+    """FlashAttention's paged varlen call, as vLLM documents it, in plain torch: an empty sequence gives
+    zeros and an LSE of +inf (FA2's convention; FA3 writes -inf: the merge must take both)."""
     import torch
 
     assert not causal and return_softmax_lse
     heads = q.shape[1]
     out = torch.zeros_like(q)
     lse = torch.full((heads, q.shape[0]), float("inf"))
-    assert (block_table is None) != (cu_seqlens_k is None)
+    page = k.shape[1]
     for b in range(len(cu_seqlens_q) - 1):
         lo, hi, n = int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1]), int(seqused_k[b])
         assert n <= max_seqlen_k and hi - lo <= max_seqlen_q
         if n == 0 or hi == lo:
             continue
-        if block_table is not None:
-            page = k.shape[1]
-            keys = torch.cat([k[int(p)] for p in block_table[b][: -(-n // page)]])[:n]
-            vals = torch.cat([v[int(p)] for p in block_table[b][: -(-n // page)]])[:n]
-        else:
-            start = int(cu_seqlens_k[b])
-            keys, vals = k[start:start + n], v[start:start + n]
+        keys = torch.cat([k[int(p)] for p in block_table[b][: -(-n // page)]])[:n]
+        vals = torch.cat([v[int(p)] for p in block_table[b][: -(-n // page)]])[:n]
         rep = heads // keys.shape[1]
         keys, vals = keys.repeat_interleave(rep, 1), vals.repeat_interleave(rep, 1)
         scores = torch.einsum("qhd,khd->hqk", q[lo:hi], keys) * softmax_scale
