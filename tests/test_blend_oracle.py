@@ -58,7 +58,7 @@ def test_harness_settings_are_kvdemo_qualitys():
     qb.add_quality_flags(p)
     a = p.parse_args([])
     assert tuple(int(x) for x in a.quality_context.split(",")) == bo.QUALITY_CONTEXT
-    assert a.seed == 0
+    assert a.seed == 0 and a.answer_max_tokens == qm.ANSWER_MAX_TOKENS and not a.quality_contexts
 
 
 # --------------------------------------------------------------------------------------------------

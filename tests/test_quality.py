@@ -254,7 +254,7 @@ def test_quality_bench_against_simulated_engines(tmp_path: Path):
     ports = free_ports(7)
     result = bench.run(["--quality", "--simulate", "--sim-speed", "50", "--max-model-len", "8192",
                         "--ratios", "0.15,1.0", "--baseline-fixes", "all,-mask", "--equivalence-ratios", "1.0",
-                        "--prompts", "5", "--port", str(ports[0]),
+                        "--prompts", "5", "--bootstrap-draws", "500", "--port", str(ports[0]),
                         "--engine-ports", ",".join(map(str, ports[1:])), "--out", str(tmp_path / "out"),
                         "--log-dir", str(tmp_path / "logs")])
     out = tmp_path / "out"
@@ -263,20 +263,69 @@ def test_quality_bench_against_simulated_engines(tmp_path: Path):
     assert (out / "quality-simulated.png").stat().st_size > 10_000
     baseline = json.loads((out / "steps" / "quality-nomask-simulated.json").read_text())
     assert written["simulated"] is True and written["weights"] == "simulated"
-    assert {"device", "versions", "model", "command", "n_prompts", "context_tokens", "control", "sweep",
-            "fix_equivalence"} <= set(written)
+    assert {"device", "versions", "kvdemo_commit", "model", "command", "n_prompts", "context_tokens", "contexts",
+            "control", "sweep", "fix_equivalence", "mask_comparison", "per_prompt", "bootstrap", "cold_check",
+            "f1_full", "cite_acc_full", "answer_max_tokens"} <= set(written)
+    assert "kvdemo_commit" in baseline and baseline["bootstrap"] == written["bootstrap"]
+    assert written["bootstrap"]["draws"] == 500 and written["bootstrap"]["seed"] == 0
     assert written["n_prompts"] == 5 and 4000 <= written["context_tokens"]["min"] <= 7000
+    (ctx,) = written["contexts"]
+    assert ctx["label"] == "4000-7000" and ctx["n_prompts"] == 5 and "f1_full" in ctx
     by_ratio = {r["recompute_ratio"]: r for r in written["sweep"]}
     assert set(by_ratio) == {0.15, 1.0} and [r["recompute_ratio"] for r in baseline["sweep"]] == [0.15, 1.0]
-    for row in written["sweep"]:
-        assert {"first_token_kl", "first_token_kl_ci", "kl_at_8", "kl_at_16", "kl_at_32", "greedy32_agree",
-                "mean_agree_prefix", "mean_agree_prefix_ci", "blend_ttft_s", "full_ttft_s"} <= set(row)
+    for row in written["sweep"] + baseline["sweep"]:
+        assert {"first_token_kl", "first_token_kl_ci", "first_token_kl_partial_topk", "kl_at_8", "kl_at_16",
+                "kl_at_32", "greedy32_agree", "mean_agree_prefix", "mean_agree_prefix_ci", "blend_ttft_s",
+                "full_ttft_s", "first_token_kl_minus_control", "first_token_kl_minus_control_ci", "f1", "f1_diff",
+                "f1_diff_ci", "cite_acc", "cite_acc_diff_ci", "context"} <= set(row)
+        assert row["blend_ttft_s"] > 0 and row["full_ttft_s"] > 0
+    # per-prompt values of every variant, in prompt order
+    assert set(written["per_prompt"]) == {"full", "control", "r0.15", "r1", "r0.15-baseline", "r1-baseline",
+                                          "r1-minimal"}
+    assert all(len(v) == 5 for v in written["per_prompt"].values())
+    assert set(baseline["per_prompt"]) == {"full", "control", "r0.15-baseline", "r1-baseline"}
+    # the control: the reference cold (prefix cache reset before each request), the control a prefix hit
+    check = written["cold_check"]
+    assert check["reference_requests"] == check["control_requests"] == 5 * (1 + len(quality.APPENDED))
+    assert check["reference_requests_with_cached_tokens"] == 0 and check["control_requests_without_cached_tokens"] == 0
+    assert all(n == 0 for p in written["per_prompt"]["full"] for n in p["cached_tokens"])
+    assert all(n > 0 for p in written["per_prompt"]["control"] for n in p["cached_tokens"])
     # the simulator drifts a blended answer by (1 - ratio): none at 1.0, some at 0.15; the control is exact
     assert written["control"]["first_token_kl"] == 0.0
     assert by_ratio[1.0]["first_token_kl"] == 0.0 and by_ratio[0.15]["first_token_kl"] > 0.0
+    assert by_ratio[0.15]["first_token_kl_minus_control_ci"][0] > 0
     assert by_ratio[0.15]["mean_agree_prefix"] < by_ratio[1.0]["mean_agree_prefix"] == 32
+    assert by_ratio[1.0]["f1_diff"] == 0.0 and by_ratio[1.0]["f1"] == written["f1_full"]
+    assert [m["recompute_ratio"] for m in written["mask_comparison"]] == [0.15, 1.0]
     (eq,) = written["fix_equivalence"]
-    assert eq["recompute_ratio"] == 1.0 and eq["fixes_minimal"] == "register,mistral,split,mask" and eq["passed"]
+    assert eq["recompute_ratio"] == 1.0 and eq["fixes_minimal"] == "register,mistral,split,mask,telemetry" and eq["passed"]
+    assert eq["bound_nats"] == quality.EQUIVALENCE_BOUND_NATS and eq["first_token_kl_diff_ci"] == [0.0, 0.0]
+    assert "telemetry" not in eq["speed_fixes_compared"] and "kernels" in eq["speed_fixes_compared"]
+    # evidence: every measured request of every LMCache engine found in its telemetry
+    for key, ev in written["evidence"].items():
+        assert ev["requests"]["measured"] == ev["requests"]["recorded"] == ev["requests"]["blended"] == 20, key
+        assert ev["kvdemo_warning_count"] == 0
+
+
+def test_quality_bench_with_several_context_sizes(tmp_path: Path):
+    ports = free_ports(3)
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({"model_sha256": "ab" * 32, "gguf": {"general.architecture": "qwen2"}}))
+    result = bench.run(["--quality", "--simulate", "--sim-speed", "50", "--max-model-len", "8192",
+                        "--ratios", "1.0", "--equivalence-ratios", "", "--quality-contexts", "3000,6000",
+                        "--prompts", "2", "--bootstrap-draws", "200", "--model-meta", str(meta),
+                        "--port", str(ports[0]), "--engine-ports", ",".join(map(str, ports[1:])),
+                        "--out", str(tmp_path / "out"), "--log-dir", str(tmp_path / "logs")])
+    assert [c["label"] for c in result["contexts"]] == ["3000", "6000"]
+    assert [c["band"] for c in result["contexts"]] == [[1500, 4500], [4500, 7500]]
+    for c in result["contexts"]:
+        assert c["n_prompts"] == 2 and c["band"][0] <= c["context_tokens"]["min"] <= c["context_tokens"]["max"] \
+            <= c["band"][1]
+    assert [(r["context"], r["recompute_ratio"]) for r in result["sweep"]] == [("3000", 1.0), ("6000", 1.0)]
+    assert [p["context"] for p in result["prompts"]] == ["3000", "3000", "6000", "6000"]
+    assert result["n_prompts"] == 4 and len(result["per_prompt"]["r1"]) == 4
+    assert result["model_sha256"] == "ab" * 32 and result["model_meta"]["gguf"]["general.architecture"] == "qwen2"
+    assert result["fix_equivalence"] == [] and "mask_comparison" not in result
 
 
 @pytest.mark.parametrize(("flags", "message"), [
@@ -286,7 +335,12 @@ def test_quality_bench_against_simulated_engines(tmp_path: Path):
     (["--equivalence-ratios", "0.25"], "must also be in --ratios"),
     (["--quality-context", "7000"], "--quality-context takes min,max"),
     (["--quality-context", "7000,4000"], "--quality-context takes min,max"),
+    (["--quality-contexts", "8k"], "--quality-contexts takes token counts"),
+    (["--quality-contexts", "12000", "--max-model-len", "8192"], "context 12000: .* need --max-model-len"),
     (["--prompts", "0"], "--prompts must be at least 1"),
+    (["--answer-max-tokens", "8"], "--answer-max-tokens must be at least 32"),
+    (["--equivalence-bound", "0"], "--equivalence-bound takes a positive"),
+    (["--model-meta", "/nonexistent/meta.json"], "--model-meta /nonexistent/meta.json: no such file"),
 ])
 def test_quality_bench_refuses_bad_flags_in_one_line(tmp_path: Path, flags: list[str], message: str):
     with pytest.raises(UserFacingError, match=message):
