@@ -246,6 +246,12 @@ def build_app(engine: SimulatedEngine, model_name: str):
     async def health() -> dict:
         return {}
 
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache() -> dict:
+        """vLLM's dev-mode endpoint (the quality benchmark's cold references): forget the prefix cache."""
+        engine.prefix_blocks.clear()
+        return {}
+
     @app.get("/v1/models")
     async def models() -> dict:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "kvdemo-simulated",

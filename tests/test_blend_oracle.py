@@ -1,13 +1,14 @@
 """kvdemo.blend_oracle: the torch reference of LMCache's CacheBlend, on a tiny random Llama (CPU, seconds).
 
-The layout/selection tests need no torch; the model tests skip where torch or transformers is absent:
-    PYTHONPATH=. /work/tvenv/bin/python -m pytest -q -p no:cacheprovider tests/test_blend_oracle.py
+The layout/selection tests need no torch; the model tests skip where torch or transformers is absent (run
+them with a Python that has both).
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+from pathlib import Path
 
 import pytest
 
@@ -43,16 +44,21 @@ def test_variants_skip_duplicates_at_ratio_0_and_1():
         bo.plan_variants([0.15], ["nope"])
 
 
-def test_harness_settings_match_the_quality_bench():
-    """blend_oracle copies the harness's settings (importing kvdemo.bench drags in the HTTP stack)."""
+def test_harness_settings_are_kvdemo_qualitys():
+    """The oracle and the bench import the harness's settings from kvdemo.quality (one definition)."""
+    from kvdemo import quality as qm
+    from kvdemo.blend_oracle import settings
+
+    assert (bo.TOP_K, bo.ANSWER_TOKENS, bo.APPENDED, bo.QUESTIONS_FILE, bo.QUALITY_CONTEXT) == (
+        qm.TOP_K, qm.ANSWER_TOKENS, qm.APPENDED, qm.QUESTIONS_FILE, qm.DEFAULT_QUALITY_CONTEXT)
+    source = Path(settings.__file__).read_text()
+    assert "from ..quality import" in source and "TOP_K = " not in source
     qb = pytest.importorskip("kvdemo.bench.quality")
-    assert (bo.TOP_K, bo.ANSWER_TOKENS, bo.APPENDED, bo.QUESTIONS_FILE) == (
-        qb.TOP_K, qb.ANSWER_TOKENS, qb.APPENDED, qb.QUESTIONS_FILE)
     p = argparse.ArgumentParser()
     qb.add_quality_flags(p)
     a = p.parse_args([])
     assert tuple(int(x) for x in a.quality_context.split(",")) == bo.QUALITY_CONTEXT
-    assert a.seed == 0
+    assert a.seed == 0 and a.answer_max_tokens == qm.ANSWER_MAX_TOKENS and not a.quality_contexts
 
 
 # --------------------------------------------------------------------------------------------------
@@ -97,7 +103,7 @@ def _blend(torch, llama, prompt, ratio, mask="exact", gaps="zero", check=1):
 
 
 def _first_logprobs(torch, llama, prompt, context):
-    row = bo.answer_rows(llama, [lambda: context], prompt, 1, None)[0]
+    row = bo.answer_rows(llama, [lambda: context], prompt, 1)[0]
     return row.first_top
 
 
@@ -188,8 +194,9 @@ def test_run_prompt_scores_every_variant(tiny):
     _, _, llama = tiny
     p = _prompt()
     variants = bo.plan_variants([0.0, 0.3, 1.0], bo.VARIANTS)
-    out = bo.run_prompt(llama, bo.StoredKV(llama), p, variants, 1, answer_tokens=4, eos=None, rows_per_batch=3)
+    out = bo.run_prompt(llama, bo.StoredKV(llama), p, variants, 1, answer_tokens=4, rows_per_batch=3)
     assert set(out.results) == {v.key for v in variants}
+    assert all(r.agree_prefix <= 4 and r.first_token_kl >= 0 for r in out.results.values())
     assert out.self_check["question_path_vs_full_prefill_max_abs_logprob"] < 1e-4
     assert out.results["r1/gaps"].first_token_kl < 1e-5
     assert out.results["r1/gaps"].agree_prefix == 4
@@ -204,3 +211,45 @@ def test_paired_differences_against_exact_at_the_same_ratio():
     assert [d["variant"] for d in out] == ["r0.15/bottom_right"]
     assert out[0]["minus"] == "r0.15/exact"
     assert out[0]["first_token_kl_diff"] == pytest.approx(-0.015)
+    assert out[0]["first_token_kl_diff_ci"][0] <= -0.015 <= out[0]["first_token_kl_diff_ci"][1]
+    assert "mean_agree_prefix_diff" not in out[0]  # those rows carry no agreement
+
+
+def test_answers_run_past_the_end_of_sequence_token(tiny):
+    """As the engine harness's requests (ignore_eos): every answer has exactly answer_tokens tokens, whatever
+    ids it generates (the model's EOS included: answer_rows takes no EOS to stop at)."""
+    torch, _, llama = tiny
+    p = _prompt()
+    full, _ = _full(torch, llama, p)
+    t = p.blend_len
+    context = ([k[0, :t] for k in full.k], [v[0, :t] for v in full.v])
+    rows = bo.answer_rows(llama, [lambda: context, lambda: context], p, 40)
+    assert [len(r.tokens) for r in rows] == [40, 40] and rows[0].tokens == rows[1].tokens
+
+
+def test_run_writes_per_prompt_values_intervals_and_the_commit(tmp_path):
+    """The whole run on a tiny random Llama with the simulator's tokenizer: the harness's first prompt."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from kvdemo.config import SIM_TOKENIZER_DIR
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(SIM_TOKENIZER_DIR))
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
+                                   max_position_embeddings=8192, bos_token_id=tokenizer.bos_token_id,
+                                   eos_token_id=tokenizer.eos_token_id)
+    model_dir = tmp_path / "tiny"
+    transformers.LlamaForCausalLM(cfg).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "oracle.json"
+    result = bo.run(bo.build_parser().parse_args(["--model", str(model_dir), "--prompts", "1", "--ratios", "0.15,1.0",
+                                                  "--variants", "exact,bottom_right", "--answer-tokens", "4",
+                                                  "--bootstrap-draws", "200", "--out", str(out)]),
+                    "test", log=lambda s: None)
+    assert out.is_file() and result["bootstrap"]["draws"] == 200 and "kvdemo_commit" in result
+    assert set(result["per_prompt"]) == {"r0.15/exact", "r0.15/bottom_right", "r1/exact"}
+    assert {"first_token_kl", "first_token_kl_partial_topk", "agree_prefix"} <= set(result["per_prompt"]["r1/exact"][0])
+    assert result["answers_stop_at_eos"] is False
+    (diff,) = result["paired_vs_exact"]
+    assert diff["variant"] == "r0.15/bottom_right" and len(diff["first_token_kl_diff_ci"]) == 2

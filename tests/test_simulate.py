@@ -125,6 +125,15 @@ def test_plain_engine_reuses_only_an_identical_prefix(sim_engines, builder, long
     assert abs(reordered - cold) < (model_s(n, n) - model_s(n, 16)) / 2, (cold, reordered)
 
 
+def test_plain_engine_prefix_cache_resets_as_vllms_dev_endpoint(sim_engines, builder, library):
+    plain = sim_engines["plain"]
+    ids = builder.build(list(library.chunks)[:1], QUESTION, unique_sys_prompt())
+    ask(plain, ids)
+    assert ask(plain, ids)[1].cached_tokens > 0
+    assert httpx.post(f"{plain.spec.url}/reset_prefix_cache", timeout=5).status_code == 200
+    assert ask(plain, ids)[1].cached_tokens == 0  # cold again
+
+
 def test_lmcache_engine_blends_reordered_chunks_after_precompute(sim_engines, builder, long_context):
     lm = sim_engines["lmcache"]
     sys_prompt = unique_sys_prompt()

@@ -3,12 +3,10 @@
     python -m kvdemo.blend_oracle --model DIR [--device cpu|cuda] [--dtype float32|bfloat16] [--prompts N]
         [--ratios 0,0.02,0.15,0.3,0.5,1.0] [--variants exact,bottom_right,gaps,oracle] --out FILE.json
 
-WHY (issue #19): blended answers of SmolLM2-135M drift from the full prefill at low recompute ratios (first-token
-KL 0.032 at ratio 0.15 with the exact mask, 0.0055 at 1.0). Either that is what CacheBlend does on this model
-(the ~85 % reused tokens keep KV computed without attention to the chunks before them), or the engine computes
-something else than the algorithm. This package computes the algorithm itself, layer by layer with the HF
-model's own modules (no vLLM, no LMCache, no FlashAttention), on the same token ids, and scores it with the
-harness's own metric (kvdemo.quality), so its numbers can be laid next to the engine's.
+WHY: to tell whether blended answers that drift from the full prefill are what CacheBlend itself computes or
+something else the engine computes. This package computes the algorithm layer by layer with the HF model's own
+modules (no vLLM, no LMCache, no FlashAttention), on the same token ids, and scores it with the harness's own
+metrics (kvdemo.quality), so its numbers can be laid next to the engine's.
 
 Variants computed here (per ratio; all share the prompt's full prefill, stored KV and the layers before the
 check layer):
@@ -26,15 +24,17 @@ check layer on. At ratio 1.0 every variant selects all ``T`` tokens (masks coinc
 ``gaps`` are computed; ``gaps`` at 1.0 must equal the full prefill (the oracle's self-check), ``exact`` at
 1.0 differs from it only through the zero gaps at layer 0.
 
-Metrics (kvdemo.quality, as the engine harness): first-token KL over the full prefill's top-20 raw log-probs
-(both sides top-20), identical prefix of 32 greedy tokens, 95 % bootstrap intervals over prompts. Prompts:
-the harness's (kvdemo.quality.sample_prompts with its seed, context bounds and token overhead), so prompt i
-here is prompt i of ``python -m kvdemo.bench --quality``. torch and transformers are imported inside the
-functions that use them (CI has no torch).
+Metrics (kvdemo.quality, as the engine harness): first-token KL of the full prefill's and the variant's
+distributions coarsened to the full prefill's top-20 tokens plus a rest bucket (and the former partial top-20
+sum, labelled), identical prefix of ``ANSWER_TOKENS`` greedy tokens decoded past any end-of-sequence token (the
+engine harness's requests set ``ignore_eos``), per-prompt values, bootstrap intervals over prompts and paired
+ones for each variant minus ``exact``. Prompts: the harness's (kvdemo.quality.sample_prompts with its seed,
+default context band and budget), so prompt i here is prompt i of ``python -m kvdemo.bench --quality``. The
+settings both share are kvdemo.quality's, imported. torch and transformers are imported inside the functions
+that use them (CI has no torch).
 
-Cost: the full prefill and each stored chunk are computed once per prompt and shared by all variants, answers
-of up to ``--rows`` variants decode as one batch. 40 prompts × 20 variants took ~135 s on an H200 (fp32) and
-6 prompts ~40 min on 2 shared CPU cores.
+The full prefill and each stored chunk are computed once per prompt and shared by all variants; answers of up
+to ``--rows`` variants decode as one batch.
 
 The steps, one module each: settings.py (the harness's settings), layout.py (the harness's prompts as LMCache
 blends them), llama.py (the HF Llama forward written out module by module), core.py (stored KV, loading, the
@@ -60,7 +60,7 @@ from .core import (
 from .evaluate import PromptOutcome, answer_rows, run_prompt, top_logprobs
 from .layout import BlendPrompt, Segment, blend_layout, harness_prompts
 from .llama import KVCache, ManualLlama
-from .metrics import engine_numbers, paired_differences, print_table, summarize
+from .metrics import engine_numbers, paired_differences, per_prompt, print_table, summarize
 from .runner import check_layers, device_name, hf_consistency, load_model, run, versions
 from .settings import (
     ANSWER_TOKENS,
@@ -80,6 +80,6 @@ __all__ = [
     "QUESTIONS_FILE", "TOP_K", "VARIANTS", "BlendPrompt", "CheckState", "KVCache", "Loaded", "ManualLlama",
     "PromptOutcome", "Segment", "StoredKV", "Variant", "answer_rows", "blend", "blend_layout", "build_parser",
     "check_layers", "check_state", "device_name", "engine_numbers", "harness_prompts", "hf_consistency",
-    "load_model", "main", "oracle_score", "paired_differences", "plan_variants", "print_table", "query_limits",
+    "load_model", "main", "oracle_score", "paired_differences", "per_prompt", "plan_variants", "print_table", "query_limits",
     "run", "run_prompt", "select_top", "summarize", "top_logprobs", "topk_count", "versions",
 ]

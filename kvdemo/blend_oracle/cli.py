@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..quality import BOOTSTRAP_DRAWS, BOOTSTRAP_SEED
 from .runner import run
 from .settings import ANSWER_TOKENS, BLEND_CONFIG, DEFAULT_RATIOS, VARIANTS
 
@@ -26,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--answer-tokens", type=int, default=ANSWER_TOKENS, help="greedy tokens per answer")
     p.add_argument("--rows", type=int, default=8, help="answers decoded per batch (memory: ~T*L*KV per row)")
     p.add_argument("--seed", type=int, default=0, help="the harness's prompt sampling seed")
+    p.add_argument("--bootstrap-draws", type=int, default=BOOTSTRAP_DRAWS, help="bootstrap resamples of the prompts")
+    p.add_argument("--bootstrap-seed", type=int, default=BOOTSTRAP_SEED, help="bootstrap seed")
     p.add_argument("--lmcache-config", default=str(BLEND_CONFIG), help="LMCache yaml (check layer, separator)")
     p.add_argument("--no-hf-check", dest="hf_check", action="store_false",
                    help="skip comparing the manual forward with HF's on prompt 1")

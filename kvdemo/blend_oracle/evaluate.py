@@ -24,9 +24,10 @@ def top_logprobs(logits_row, k: int = TOP_K) -> dict[int, float]:
 
 
 def answer_rows(llama: ManualLlama, contexts: Sequence[Callable[[], tuple[list[Any], list[Any]]]],
-                prompt: BlendPrompt, answer_tokens: int, eos: int | None) -> list[qm.Scored]:
+                prompt: BlendPrompt, answer_tokens: int) -> list[qm.Scored]:
     """Each row's context KV (made on demand, then dropped) + the trailing SEP and question prefilled, then
-    greedy tokens; the rows decode as one batch (all contexts have the same length)."""
+    exactly ``answer_tokens`` greedy tokens, past any end-of-sequence token as the engine harness's requests
+    (``ignore_eos``); the rows decode as one batch (all contexts have the same length)."""
     import torch
 
     n_rows, t = len(contexts), prompt.blend_len
@@ -45,12 +46,7 @@ def answer_rows(llama: ManualLlama, contexts: Sequence[Callable[[], tuple[list[A
     for _ in range(answer_tokens - 1):
         tokens.append(llama.forward(tokens[-1][:, None], cache).argmax(dim=-1))
     greedy = torch.stack(tokens, dim=1).tolist()
-    return [qm.Scored(_until_eos(g, eos), f) for g, f in zip(greedy, firsts)]
-
-
-def _until_eos(tokens: list[int], eos: int | None) -> list[int]:
-    """vLLM stops at EOS (included): the harness's answers end there."""
-    return tokens[:tokens.index(eos) + 1] if eos is not None and eos in tokens else tokens
+    return [qm.Scored(g, f) for g, f in zip(greedy, firsts)]
 
 
 @dataclass
@@ -68,7 +64,7 @@ class PromptOutcome:
 
 
 def run_prompt(llama: ManualLlama, stored: StoredKV, prompt: BlendPrompt, variants: Sequence[Variant],
-               check_layer: int, answer_tokens: int, eos: int | None, rows_per_batch: int = 8) -> PromptOutcome:
+               check_layer: int, answer_tokens: int, rows_per_batch: int = 8) -> PromptOutcome:
     """Full prefill, shared check-layer state, every variant's blend, answers decoded in batches of rows."""
     import torch
 
@@ -101,7 +97,7 @@ def run_prompt(llama: ManualLlama, stored: StoredKV, prompt: BlendPrompt, varian
     makers = [reference] + [blended(v) for v in variants]
     answers: list[qm.Scored] = []
     for i in range(0, len(makers), rows_per_batch):
-        answers += answer_rows(llama, makers[i:i + rows_per_batch], prompt, answer_tokens, eos)
+        answers += answer_rows(llama, makers[i:i + rows_per_batch], prompt, answer_tokens)
     ref = answers[0]
     ref_full = top_logprobs(full_logits)
     out.self_check["question_path_vs_full_prefill_max_abs_logprob"] = max(

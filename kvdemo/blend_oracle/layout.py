@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .. import quality as qm
 from ..config import REPO_ROOT
-from .settings import ANSWER_TOKENS, APPENDED, BLEND_CONFIG, MAX_MODEL_LEN, QUALITY_CONTEXT, QUESTIONS_FILE
+from .settings import BLEND_CONFIG, MAX_MODEL_LEN, QUALITY_CONTEXT, QUESTIONS_FILE
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,8 @@ def blend_layout(bos: Sequence[int], sys_ids: Sequence[int], chunks: Sequence[Se
 
 def harness_prompts(tokenizer, n: int, seed: int = 0, questions: Path = QUESTIONS_FILE,
                     data_dir: Path = REPO_ROOT / "data", lmcache_config: Path = BLEND_CONFIG) -> list[BlendPrompt]:
-    """The quality harness's first n prompts (same sampling, seed and bounds as kvdemo.bench.quality.run_quality)."""
+    """The quality harness's first n prompts at its default context band (kvdemo.bench.quality.run_quality
+    samples them with the same function, seed, bounds and budget)."""
     from ..lmcache_config import LmcacheConfig
     from ..prompts import ChunkLibrary, PromptBuilder
 
@@ -63,10 +64,9 @@ def harness_prompts(tokenizer, n: int, seed: int = 0, questions: Path = QUESTION
     qs = qm.load_questions(questions, list(library.chunks))
     sep = len(builder.sep_ids)
     chunk_tokens = {c: len(builder.chunk_ids(c)) + sep for c in library.chunks}
-    fixed = len(builder.bos_ids) + len(builder.sys_ids()) + sep + 40  # as run_quality: + the question, about
-    budget = MAX_MODEL_LEN - ANSWER_TOKENS - max(APPENDED) - 64
-    sampled = qm.sample_prompts(qs, chunk_tokens, fixed, n, QUALITY_CONTEXT[0], min(QUALITY_CONTEXT[1], budget),
-                                seed=seed)
+    budget = qm.prompt_budget(MAX_MODEL_LEN)
+    sampled = qm.sample_prompts(qs, chunk_tokens, qm.prompt_overhead(builder), n, QUALITY_CONTEXT[0],
+                                min(QUALITY_CONTEXT[1], budget), seed=seed)
     out = []
     for p in sampled:
         bp = blend_layout(builder.bos_ids, builder.sys_ids(), [builder.chunk_ids(c) for c in p.chunks],

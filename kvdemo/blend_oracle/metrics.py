@@ -1,5 +1,5 @@
-"""Aggregation over prompts: per-variant rows, paired differences against ``exact``, the engine's committed
-numbers to read next to them, and the printed table."""
+"""Aggregation over prompts: per-variant rows, per-prompt values, paired differences against ``exact``, the
+engine's committed numbers to read next to them, and the printed table."""
 
 from __future__ import annotations
 
@@ -13,14 +13,15 @@ from .evaluate import PromptOutcome
 from .variants import Variant
 
 
-def summarize(outcomes: Sequence[PromptOutcome], variants: Sequence[Variant]) -> list[dict]:
+def summarize(outcomes: Sequence[PromptOutcome], variants: Sequence[Variant],
+              boot: qm.Bootstrap | None = None) -> list[dict]:
     """Per variant: kvdemo.quality.summarize over prompts, plus the selection statistics."""
     import statistics
 
     rows = []
     for v in variants:
         row = {"variant": v.key, "recompute_ratio": v.ratio, "mask": v.mask, "selection": v.selection,
-               "gaps": v.gaps, **qm.summarize([o.results[v.key] for o in outcomes]),
+               "gaps": v.gaps, **qm.summarize([o.results[v.key] for o in outcomes], boot),
                "mean_recomputed_tokens": statistics.fmean(o.selected[v.key] for o in outcomes),
                "gaps_in_selection": statistics.fmean(o.gaps_selected[v.key] for o in outcomes)}
         overlaps = [o.oracle_overlap[v.key] for o in outcomes if v.key in o.oracle_overlap]
@@ -30,19 +31,30 @@ def summarize(outcomes: Sequence[PromptOutcome], variants: Sequence[Variant]) ->
     return rows
 
 
-def paired_differences(prompt_rows: Sequence[dict], variants: Sequence[Variant]) -> list[dict]:
-    """Per variant: its first-token KL minus ``exact``'s at the same ratio, prompt by prompt (mean, 95 % bootstrap
-    interval): on the same prompts the prompt-to-prompt spread cancels, so few prompts already separate them."""
+def per_prompt(outcomes: Sequence[PromptOutcome], variants: Sequence[Variant]) -> dict[str, list[dict]]:
+    """``{variant: [every column of kvdemo.quality.PromptResult, one dict per prompt]}`` in prompt order."""
+    return {v.key: [o.results[v.key].as_json() for o in outcomes] for v in variants}
+
+
+def paired_differences(prompt_rows: Sequence[dict], variants: Sequence[Variant],
+                       boot: qm.Bootstrap | None = None) -> list[dict]:
+    """Per variant: its first-token KL and identical prefix minus ``exact``'s at the same ratio, paired over
+    prompts (mean and bootstrap interval)."""
+    boot = boot or qm.Bootstrap()
     out = []
     for v in variants:
         base = f"r{v.ratio:g}/exact"
         if v.key == base:
             continue
-        diffs = [row["first_token_kl"][v.key] - row["first_token_kl"][base] for row in prompt_rows
-                 if v.key in row["first_token_kl"] and base in row["first_token_kl"]]
-        if diffs:
-            mean, lo, hi = qm.bootstrap_mean_ci(diffs)
-            out.append({"variant": v.key, "minus": base, "first_token_kl_diff": mean, "ci": [lo, hi]})
+        rows = [row for row in prompt_rows if v.key in row["first_token_kl"] and base in row["first_token_kl"]]
+        if not rows:
+            continue
+        entry = {"variant": v.key, "minus": base, "n_prompts": len(rows)}
+        for metric, name in (("first_token_kl", "first_token_kl_diff"), ("agree_prefix", "mean_agree_prefix_diff")):
+            if all(metric in row for row in rows):
+                d = boot.diff([row[metric][v.key] for row in rows], [row[metric][base] for row in rows])
+                entry.update({name: d["mean"], f"{name}_ci": d["ci"]})
+        out.append(entry)
     return out
 
 
@@ -55,7 +67,10 @@ def engine_numbers() -> dict[str, Any]:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
+        coarse = any("first_token_kl_partial_topk" in r for r in data.get("sweep", []))
         out[name] = {"file": str(path.relative_to(REPO_ROOT)), "device": data.get("device"),
+                     "kvdemo_commit": data.get("kvdemo_commit"),
+                     "first_token_kl": "coarsened (top-k + rest)" if coarse else "partial top-k sum (older file)",
                      "n_prompts": data.get("n_prompts"), "control_kl": data.get("control", {}).get("first_token_kl"),
                      "sweep": [{k: r.get(k) for k in ("recompute_ratio", "first_token_kl", "first_token_kl_ci",
                                                       "mean_agree_prefix")} for r in data.get("sweep", [])]}
@@ -69,5 +84,5 @@ def print_table(result: dict, log: Callable[[str], None] = print) -> None:
         log(f"  {r['variant']:<18} KL {r['first_token_kl']:.4f} [{lo:.4f}, {hi:.4f}]  prefix "
             f"{r['mean_agree_prefix']:.1f}/{result['answer_tokens']}  recomputed {r['mean_recomputed_tokens']:.0f}")
     for d in result.get("paired_vs_exact", []):
-        log(f"  {d['variant']:<18} minus {d['minus']}: KL {d['first_token_kl_diff']:+.4f} "
-            f"[{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]")
+        lo, hi = d["first_token_kl_diff_ci"]
+        log(f"  {d['variant']:<18} minus {d['minus']}: KL {d['first_token_kl_diff']:+.4f} [{lo:+.4f}, {hi:+.4f}]")

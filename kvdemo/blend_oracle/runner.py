@@ -5,17 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..config import REPO_ROOT
+from .. import quality as qm
 from .core import StoredKV
 from .evaluate import run_prompt
 from .layout import BlendPrompt, harness_prompts
 from .llama import ManualLlama
-from .metrics import engine_numbers, paired_differences, print_table, summarize
+from .metrics import engine_numbers, paired_differences, per_prompt, print_table, summarize
 from .settings import TOP_K
 from .variants import plan_variants
 
@@ -45,13 +44,8 @@ def versions() -> dict[str, str]:
     import torch
     import transformers
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                                timeout=10, check=False).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
     return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "kvdemo_commit": commit}
+            "transformers": transformers.__version__}
 
 
 def device_name(device: str) -> str:
@@ -89,27 +83,32 @@ def run(a: argparse.Namespace, argv_text: str, log: Callable[[str], None] = prin
     outcomes = []
     for n, p in enumerate(prompts, 1):
         t = time.monotonic()
-        o = run_prompt(llama, stored, p, variants, check, a.answer_tokens, tokenizer.eos_token_id, a.rows)
+        o = run_prompt(llama, stored, p, variants, check, a.answer_tokens, a.rows)
         outcomes.append(o)
         kls = " ".join(f"{k}={r.first_token_kl:.4f}" for k, r in o.results.items())
         log(f"kvdemo.blend_oracle: prompt {n}/{len(prompts)} ({o.tokens} tokens, {time.monotonic() - t:.0f} s) {kls}")
     prompt_rows = [{"prompt": o.label, "tokens": o.tokens, "blend_tokens": o.blend_len,
                     "first_token_kl": {k: r.first_token_kl for k, r in o.results.items()},
+                    "first_token_kl_partial_topk": {k: r.first_token_kl_partial_topk for k, r in o.results.items()},
                     "agree_prefix": {k: r.agree_prefix for k, r in o.results.items()}} for o in outcomes]
+    boot = qm.Bootstrap(draws=a.bootstrap_draws, seed=a.bootstrap_seed)
     result = {
         "what": "exact torch reference of LMCache 0.5.3 CacheBlend vs full prefill (kvdemo.blend_oracle)",
-        "device": device_name(a.device), "dtype": a.dtype, "versions": versions(), "model": a.model,
+        "device": device_name(a.device), "dtype": a.dtype, "versions": versions(), **qm.source_revision(),
+        "model": a.model,
         "weights": "real (the model dir's own weights; SmolLM2-135M-Instruct for the committed runs)",
         "command": "python -m kvdemo.blend_oracle " + argv_text, "n_prompts": len(prompts),
-        "check_layer": check, "answer_tokens": a.answer_tokens, "top_k": TOP_K,
+        "check_layer": check, "answer_tokens": a.answer_tokens, "answers_stop_at_eos": False, "top_k": TOP_K,
+        "bootstrap": boot.as_json(),
         "context_tokens": {"min": min(o.tokens for o in outcomes), "max": max(o.tokens for o in outcomes)},
         "self_check": {
             "manual_forward_vs_hf_max_abs_logprob": hf_diff,
             "question_path_vs_full_prefill_max_abs_logprob": max(
                 o.self_check["question_path_vs_full_prefill_max_abs_logprob"] for o in outcomes)},
-        "variants": summarize(outcomes, variants),
-        "paired_vs_exact": paired_differences(prompt_rows, variants),
+        "variants": summarize(outcomes, variants, boot),
+        "paired_vs_exact": paired_differences(prompt_rows, variants, boot),
         "prompts": prompt_rows,
+        "per_prompt": per_prompt(outcomes, variants),
         "engine_for_comparison": engine_numbers(),
         "wall_s": time.monotonic() - t0,
     }
