@@ -34,7 +34,6 @@ import random
 import re
 import statistics
 import string
-import subprocess
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -432,26 +431,3 @@ def sample_prompts(questions: Sequence[Question], chunk_tokens: dict[str, int], 
         rng.shuffle(chosen)
         prompts.append(QualityPrompt(q, tuple(chosen)))
     return prompts
-
-
-# --------------------------------------------------------------------------------------------------
-# Provenance
-# --------------------------------------------------------------------------------------------------
-
-
-def _git(*args: str) -> str | None:
-    try:
-        done = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10,
-                              check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout if done.returncode == 0 else None
-
-
-def source_revision() -> dict:
-    """``kvdemo_commit`` (``git rev-parse HEAD``) and ``kvdemo_tree_dirty`` (tracked files changed); both None
-    where the code runs outside a git checkout."""
-    head = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--untracked-files=no") if head else None
-    return {"kvdemo_commit": head.strip() if head else None,
-            "kvdemo_tree_dirty": bool(status.strip()) if status is not None else None}

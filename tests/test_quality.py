@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO_ROOT, free_ports
 
-from kvdemo import bench, quality
+from kvdemo import bench, quality, revision
 from kvdemo.bench import quality as quality_bench
 from kvdemo.errors import UserFacingError
 from kvdemo.prompts import ChunkLibrary
@@ -238,11 +238,14 @@ def test_context_bands_and_the_prompt_budget():
     assert quality.prompt_budget(8192, answer_max_tokens=16) == 8192 - max(quality.APPENDED) - 1 - 64
 
 
-def test_source_revision_names_this_checkout():
-    rev = quality.source_revision()
+def test_source_revision_names_this_checkout(monkeypatch):
+    rev = revision.source_revision()
     assert set(rev) == {"kvdemo_commit", "kvdemo_tree_dirty"}
     if rev["kvdemo_commit"] is not None:
         assert len(rev["kvdemo_commit"]) == 40 and isinstance(rev["kvdemo_tree_dirty"], bool)
+    monkeypatch.setattr(revision, "_git", lambda *args: None)  # a copy of the tree without .git
+    monkeypatch.setenv(revision.ENV_COMMIT, "abc123")
+    assert revision.source_revision() == {"kvdemo_commit": "abc123", "kvdemo_tree_dirty": None}
 
 
 # --------------------------------------------------------------------------------------------------

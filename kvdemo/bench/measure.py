@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 import tempfile
 import uuid
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from pathlib import Path
 
 from ..main import headless
 from ..preflight import detect_gpus
+from ..revision import source_revision
 from ..runtime import Runtime
 from .cases import TRACE_PRINT_KEYS, run_trace
 from .job import BenchJob
@@ -56,7 +56,7 @@ def measure(job: BenchJob) -> Measured:
             "model_shape": "Mistral-7B-Instruct-v0.2" if "mistral" in settings.model.lower() else settings.model,
             "weights": "simulated" if settings.simulate else ("dummy" if "dummy" in engine_args else "real"),
             "command": job.command,
-            "kvdemo_commit": kvdemo_commit(),
+            **source_revision(),
             "gpu_layout": [{"engine": h.spec.key, "gpu": h.spec.slot.gpu, "shared": h.spec.slot.shared}
                            for h in runtime.engines],
             "lmcache_config": runtime.settings.lmcache_config_path.read_text(),
@@ -101,20 +101,6 @@ async def _all_cases(job: BenchJob, runtime: Runtime, trace_dir: Path | None, tr
         print(f"kvdemo.bench: traced a {ctx}-token blend: " + ", ".join(
             f"{k}={traces[-1][k]}" for k in TRACE_PRINT_KEYS), flush=True)
     return cases
-
-
-def kvdemo_commit() -> str | None:
-    """The measured code's commit: ``KVDEMO_COMMIT`` (a copy of the tree without .git), else ``git rev-parse``."""
-    if os.environ.get("KVDEMO_COMMIT"):
-        return os.environ["KVDEMO_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=Path(__file__).resolve().parent,
-                             text=True, capture_output=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() or None
 
 
 def versions() -> dict[str, str | None]:

@@ -56,6 +56,7 @@ from ..engines import EngineSpec
 from ..errors import EngineError, UserFacingError
 from ..precompute import PrecomputeProgress, PrecomputeRequest, precompute
 from ..preflight import choose_gpus, detect_gpus
+from ..revision import source_revision
 from ..runtime import Runtime
 from ..scenarios.blend import PLAIN_LABEL
 from ..vllm_plugin import ALL_FIXES, ANSWER_FIXES, REQUIRED_FIXES
@@ -494,7 +495,7 @@ def run_quality(a, settings: Settings, argv_text: str) -> dict:
     full_scores = qm.answer_summary([s.f1 for s in texts[FULL]], [s.cited for s in texts[FULL]], boot)
     base = {
         "device": device, **({"simulated": True} if settings.simulate else {}),
-        "versions": versions(), **qm.source_revision(), "model": settings.model,
+        "versions": versions(), **source_revision(), "model": settings.model,
         **({"model_meta_file": str(meta[0]), "model_meta": meta[1]} if meta else {}),
         **({"model_sha256": meta[1]["model_sha256"]} if meta and "model_sha256" in meta[1] else {}),
         "weights": "simulated" if settings.simulate else (

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import quality as qm
+from ..revision import source_revision
 from .core import StoredKV
 from .evaluate import run_prompt
 from .layout import BlendPrompt, harness_prompts
@@ -94,7 +95,7 @@ def run(a: argparse.Namespace, argv_text: str, log: Callable[[str], None] = prin
     boot = qm.Bootstrap(draws=a.bootstrap_draws, seed=a.bootstrap_seed)
     result = {
         "what": "exact torch reference of LMCache 0.5.3 CacheBlend vs full prefill (kvdemo.blend_oracle)",
-        "device": device_name(a.device), "dtype": a.dtype, "versions": versions(), **qm.source_revision(),
+        "device": device_name(a.device), "dtype": a.dtype, "versions": versions(), **source_revision(),
         "model": a.model,
         "weights": "real (the model dir's own weights; SmolLM2-135M-Instruct for the committed runs)",
         "command": "python -m kvdemo.blend_oracle " + argv_text, "n_prompts": len(prompts),
