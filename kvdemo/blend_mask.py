@@ -11,10 +11,8 @@ every layer. Per tile of 128 selected queries (positions ``p_min .. p_max``), ke
 ``(p_min + 1) // 128`` are fully visible, blocks up to ``p_max // 128`` are partial (``key <= p_i`` per
 element), the rest are skipped: about ``sum(p_i)`` key visits instead of ``k * N``. Where vLLM's
 FlashAttention is importable (the engines), FlashAttention 3 computes the fully visible blocks (paged,
-non-causal, one sequence per tile) and FlexAttention only the partial band, merged by log-sum-exp:
-FlexAttention alone was ~2x slower per key than FlashAttention 3 on an H200 (+33 % blend TTFT at 16K);
-split, the blend stays within 5 % of LMCache's own call (benchmarks/results/steps/blend-split-*.json).
-Elsewhere (CPU tests) FlexAttention computes every block.
+non-causal, one sequence per tile) and FlexAttention only the partial band, merged by log-sum-exp in one
+compiled kernel; elsewhere (CPU tests) FlexAttention computes every block. Measurements: docs/benchmarks.md.
 
 The arithmetic is written once for ints and tensors alike (:func:`tile_kv_blocks`), so the CPU test
 checks the same expressions the GPU path evaluates. ``python -m kvdemo.blend_mask --self-check`` runs the
@@ -216,7 +214,9 @@ def exact_attention(query: Any, key: Any, value: Any, block_mask: Any, scale: fl
 def merge_by_lse(out_a: Any, lse_a: Any, out_b: Any, lse_b: Any) -> Any:
     """Softmax-exact merge of two attentions over disjoint key sets ([k, H, d] outputs, [H, k] LSEs).
 
-    An empty side has a non-finite LSE (FlashAttention writes +inf or -inf for no keys, FlexAttention -inf)."""
+    An empty side has a non-finite LSE (FlashAttention writes +inf or -inf for no keys, FlexAttention -inf).
+    Op by op on a GPU this blocks the host (its -inf scalar is copied to the device each call, which waits for
+    the stream): engines use :func:`merge_by_lse_fused`."""
     import torch
 
     neg = torch.tensor(float("-inf"), device=lse_a.device)
@@ -232,7 +232,7 @@ _compiled_merge: Any = None
 
 
 def merge_by_lse_fused(out_a: Any, lse_a: Any, out_b: Any, lse_b: Any) -> Any:
-    """:func:`merge_by_lse` compiled once per process (one fused kernel instead of about a dozen)."""
+    """:func:`merge_by_lse` compiled once per process on a GPU: one kernel, no host sync (eager on CPU)."""
     global _compiled_merge
     if _compiled_merge is None:
         import torch
@@ -243,10 +243,10 @@ def merge_by_lse_fused(out_a: Any, lse_a: Any, out_b: Any, lse_b: Any) -> Any:
 
 
 def exact_attention_split(query: Any, key: Any, value: Any, plan: ExactPlan, scale: float, fa_varlen: Any,
-                          fa_version: int | None = None, fused_merge: bool = False) -> Any:
+                          fa_version: int | None = None, fused_merge: bool = True) -> Any:
     """The split path of :class:`ExactPlan`: FlashAttention for full blocks + FlexAttention for the band.
 
-    ``fused_merge``: the log-sum-exp merge as one compiled kernel."""
+    ``fused_merge=False`` merges op by op (:func:`merge_by_lse`: a host sync per layer on a GPU)."""
     pages = plan.n_pages * KV_BLOCK
     hkv, d = key.shape[1], key.shape[2]
     k_cache = key[:pages].view(plan.n_pages, KV_BLOCK, hkv, d)
@@ -262,7 +262,7 @@ def exact_attention_split(query: Any, key: Any, value: Any, plan: ExactPlan, sca
 
 
 def run_plan(query: Any, key: Any, value: Any, plan: ExactPlan, scale: float, fa_varlen: Any = None,
-             fa_version: int | None = None, fused_merge: bool = False) -> Any:
+             fa_version: int | None = None, fused_merge: bool = True) -> Any:
     """Exact attention [k, H, d] of one layer under a request's plan (options: :func:`exact_attention_split`)."""
     if plan.split:
         if fa_varlen is None:

@@ -1154,6 +1154,7 @@ def mask_fakes(fakes: Fakes, monkeypatch: pytest.MonkeyPatch) -> Fakes:
     _module(monkeypatch, targets.MOD_FLASH_ATTN, LMCFlashAttnBackend=fakes.Backend)
     fakes.built = []
     fakes.exact_calls = []
+    fakes.fused_merges = []
 
     def build(positions: list[int], n_keys: int, split: bool) -> tuple:
         fakes.built.append((list(positions), n_keys))
@@ -1161,7 +1162,7 @@ def mask_fakes(fakes: Fakes, monkeypatch: pytest.MonkeyPatch) -> Fakes:
 
     def exact(query: FakeRows, key: FakeRows, value: FakeRows, plan: Any, scale: float, fa: Any,
               fa_version: Any, fused_merge: bool) -> FakeRows:
-        assert not fused_merge  # the split path's default (no KVDEMO_MASK_VARIANT)
+        fakes.fused_merges.append(fused_merge)
         fakes.exact_calls.append((plan, scale))
         return FakeRows(query.shape[0], "exact")
 
@@ -1186,9 +1187,22 @@ def test_mask_fix_takes_the_exact_path_for_partial_recompute(mask_fakes: Fakes, 
     assert meta.max_query_len == 3  # the original still ran
     assert mask_fakes.built == [([1, 4, 7], 10)]
     assert mask_fakes.exact_calls == [(("plan", (1, 4, 7), 10, False), 0.125)] * 3
+    assert mask_fakes.fused_merges == [True] * 3  # the compiled merge: the op-by-op one syncs the host per layer
     assert backend.original_calls == 0
+    assert mask.layer_counts == {"exact": 3, "fallback": 0}
     messages = [r.getMessage() for r in caplog.records]
     assert sum("mask: exact causal attention for 3 recomputed of 10" in m for m in messages) == 1
+
+
+def test_mask_variant_eager_selects_the_op_by_op_merge(mask_fakes: Fakes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """KVDEMO_MASK_VARIANT=eager reproduces the merge as it was before the fused default (for A/B runs)."""
+    _enable(monkeypatch)
+    monkeypatch.setenv(mask.ENV_VARIANT, "eager")
+    vp.register()
+    meta = mask_fakes.Metadata(10)
+    meta.update_from_top_indices([1, 4, 7])
+    mask_fakes.Backend().forward_contiguous(FakeRows(3), FakeRows(10), FakeRows(10), FakeRows(3), meta)
+    assert mask_fakes.fused_merges == [False]
 
 
 def test_mask_fix_leaves_full_recompute_and_unmasked_layers_to_lmcache(mask_fakes: Fakes,

@@ -26,14 +26,14 @@ _said: set[str] = set()
 layer_counts = {"exact": 0, "fallback": 0}
 
 
-ENV_VARIANT = "KVDEMO_MASK_VARIANT"  # comma list; "fused": the split path's merge as one compiled kernel
+ENV_VARIANT = "KVDEMO_MASK_VARIANT"  # "eager": the split path's merge op by op (the A/B's before), else fused
 
 
 @functools.cache
 def split_options() -> dict[str, bool]:
     """The split path's options from ``KVDEMO_MASK_VARIANT`` (kvdemo.blend_mask.exact_attention_split)."""
     chosen = {v.strip() for v in os.environ.get(ENV_VARIANT, "").split(",") if v.strip()}
-    return {"fused_merge": "fused" in chosen}
+    return {"fused_merge": "eager" not in chosen}
 
 
 @functools.cache

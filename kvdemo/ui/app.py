@@ -35,10 +35,10 @@ from .session import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, MAX_TEMPERATURE, M
 
 PRIVATE = "private"  # api_visibility of the page's own events: the API (page and clients) lists /ask alone
 WHY_LONG = ("Blending pays off on **long contexts**: it saves the prefill of reused chunks but costs a fixed "
-            "~0.1 s to load and partly recompute them. Measured on one H100 (benchmarks/results/blend-h100.json): "
-            "about even with plain vLLM at 4K tokens (sometimes slower), 1.70× faster at 8K, 3.03× at 16K and "
-            "3.44× at 24K; with each engine on its own GPU 3.51× at 16K and 3.71× at 24K "
-            "(benchmarks/results/blend-2gpu-h100.json).")
+            "~0.1 s to load and partly recompute them. Measured on one H100 with a Mistral-7B shape "
+            "(benchmarks/results/steps/blend-fused-h100.json): 3.5× faster than plain vLLM at 16K tokens "
+            "(0.146 vs 0.505 s) and 4.0× at 24K (0.221 vs 0.876 s); at 8K 1.6× and at 4K slower than plain "
+            "vLLM (benchmarks/results/blend-h100.json, the code before its last fix).")
 CSS = """
 #speedup {font-size: 1.3em}
 .sim-banner {background: #fff3cd; color: #664d03; padding: 6px 12px; border-radius: 6px; font-weight: 600}
