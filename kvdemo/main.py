@@ -15,7 +15,7 @@ from .config import Settings, parse_settings, sharing_warning
 from .errors import EngineError, UserFacingError
 from .lmcache_config import LmcacheConfig
 from .preflight import detect_gpus
-from .runtime import DEFAULT_CONTEXT_TOKENS, Runtime
+from .runtime import Runtime
 from .signals import raise_system_exit
 
 log = logging.getLogger("kvdemo")
@@ -84,7 +84,7 @@ def headless(runtime: Runtime, question: str) -> int:
         raise UserFacingError(f"Precompute failed: {runtime.progress.error}")
     builder = runtime.builder
     assert builder is not None
-    chunks = builder.default_selection(DEFAULT_CONTEXT_TOKENS, runtime.max_model_len - 512)
+    chunks = builder.page_selection(runtime.max_model_len)
     ids = builder.build(chunks, question)
     tag = " (SIMULATED)" if runtime.settings.simulate else ""
     print(f"kvdemo: {len(chunks)} chunks, {len(ids)} prompt tokens; precompute {runtime.progress.seconds:.2f} s{tag}")
