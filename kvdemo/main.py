@@ -79,7 +79,7 @@ def dry_run(runtime: Runtime) -> int:
 
 def headless(runtime: Runtime, question: str) -> int:
     """Precompute, then ask the question of each engine in turn and print answers and TTFTs."""
-    runtime.run_precompute()
+    runtime.precompute_and_wait()
     if runtime.progress.error:
         raise UserFacingError(f"Precompute failed: {runtime.progress.error}")
     builder = runtime.builder
@@ -118,7 +118,7 @@ def serve_ui(runtime: Runtime) -> int:
 
     s: Settings = runtime.settings
     demo = build_page(runtime)
-    runtime.start_precompute()
+    runtime.precompute_in_background()
     demo.queue(default_concurrency_limit=16, max_size=64)
     _, local_url, share_url = demo.launch(**launch_kwargs(s), prevent_thread_lock=True)
     print(f"kvdemo: UI at {local_url}" + (f" and {share_url}" if share_url else ""), flush=True)

@@ -211,7 +211,7 @@ def test_share_scenario_runs_on_a_resp_url_simulated(tmp_path, resp_port):
     runtime = Runtime(settings)
     try:
         runtime.start()
-        runtime.run_precompute()
+        runtime.precompute_and_wait()
         assert runtime.kv_store.size_bytes() == 0
         builder = runtime.builder
         ids = builder.build(builder.default_selection(8_000, runtime.max_model_len - 512), "Who binds names?")

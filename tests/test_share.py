@@ -140,7 +140,7 @@ def test_b_loads_what_a_stored_plain_engines_do_not_share(tmp_path, request, sto
     runtime = Runtime(settings)
     try:
         runtime.start()
-        assert runtime.run_precompute().line().startswith("preheated with 4 requests")
+        assert runtime.precompute_and_wait().line().startswith("preheated with 4 requests")
         assert not _holds_entries(runtime.kv_store)  # preheat stores nothing of the document
         builder = runtime.builder
         ids = builder.build(builder.default_selection(16_000, runtime.max_model_len - 512), "Who binds names?")
