@@ -8,54 +8,42 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import sys
 import time
+from contextlib import ExitStack
 
+from .cli_shell import run_cli
 from .config import Settings, parse_settings, sharing_warning
-from .errors import EngineError, UserFacingError
+from .errors import UserFacingError
 from .lmcache_config import LmcacheConfig
 from .preflight import detect_gpus
 from .runtime import Runtime
-from .signals import raise_system_exit
 
 log = logging.getLogger("kvdemo")
 
-_raise_exit = raise_system_exit  # the old private name, kept for anyone who still imports it
-
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "httpx2", "httpcore", "openai"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    signal.signal(signal.SIGTERM, raise_system_exit)
+    """The app: 0, 1 when an engine fails, 2 for a problem the user can fix, 130 on Ctrl-C (cli_shell.py)."""
+    return run_cli("kvdemo", lambda cleanup: run(argv, cleanup), interrupted="interrupted, stopping engines…",
+                   engine_error_status=1)
+
+
+def run(argv: list[str] | None, cleanup: ExitStack) -> int:
+    """Flags → runtime → dry run, headless answer or UI; ``cleanup`` stops the engines whatever happens."""
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C works even if started with SIGINT ignored
-    runtime: Runtime | None = None
-    try:
-        settings = parse_settings(argv)
-        runtime = Runtime(settings)
-        if settings.dry_run:
-            return dry_run(runtime)
-        if settings.simulate:
-            print("kvdemo: SIMULATED engines — no GPU is used and every timing shown is SIMULATED.", flush=True)
-        warning = None if settings.no_ui else sharing_warning(settings)
-        if warning:  # before engines start: with vLLM that takes minutes
-            print(f"kvdemo: WARNING: {warning}", flush=True)
-        runtime.start()
-        if settings.no_ui:
-            return headless(runtime, settings.ask or "")
-        return serve_ui(runtime)
-    except EngineError as exc:
-        print(f"kvdemo: {exc}", file=sys.stderr, flush=True)
-        return 1
-    except UserFacingError as exc:
-        print(f"kvdemo: {exc}", file=sys.stderr, flush=True)
-        return 2
-    except KeyboardInterrupt:
-        print("kvdemo: interrupted, stopping engines…", file=sys.stderr, flush=True)
-        return 130
-    finally:
-        if runtime is not None:
-            runtime.stop()
+    settings = parse_settings(argv)
+    runtime = Runtime(settings)
+    cleanup.callback(runtime.stop)
+    if settings.dry_run:
+        return dry_run(runtime)
+    if settings.simulate:
+        print("kvdemo: SIMULATED engines — no GPU is used and every timing shown is SIMULATED.", flush=True)
+    warning = None if settings.no_ui else sharing_warning(settings)
+    if warning:  # before engines start: with vLLM that takes minutes
+        print(f"kvdemo: WARNING: {warning}", flush=True)
+    runtime.start()
+    if settings.no_ui:
+        return headless(runtime, settings.ask or "")
+    return serve_ui(runtime)
 
 
 def dry_run(runtime: Runtime) -> int:
