@@ -1,4 +1,4 @@
-"""The share scenario's KV store on LMCache's native RESP client (--kv-store resp://host:port, issue #17).
+"""The share scenario's KV store on LMCache's native RESP client (--kv-store resp://host:port).
 
 LMCache 0.5.3's resp:// connector writes one Redis key per chunk, the CacheEngineKey string itself (no
 `metadata` / `kv_bytes` pair as redis:// writes), always in database 0. kvdemo must size and clear those keys,

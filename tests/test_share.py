@@ -302,7 +302,7 @@ def test_a_bad_share_template_is_one_line(tmp_path):
 
 
 def test_the_store_says_where_its_kv_lives(monkeypatch, tmp_path):
-    """Disk (page cache or disk), tmpfs (memory) or Redis: what a 'load from the store' measures (issue #17)."""
+    """Disk (page cache or disk), tmpfs (memory) or Redis: what a 'load from the store' measures."""
     from types import SimpleNamespace
 
     import psutil
