@@ -160,9 +160,10 @@ def parse_fixes(value: str | None) -> frozenset[str]:
 
 def _reset_for_tests() -> None:
     """Forget this process's plugin state (hooks, finder, handler, once-only log lines) and put every
-    patched target back."""
+    patched target back (the quiet filter too)."""
     with hooks.lock:
         hooks.unpatch_all()
+        quiet.remove_quiet_filter()
         hooks.reset()
         profile.PROFILER.__init__()  # type: ignore[misc]
         mask.reset()

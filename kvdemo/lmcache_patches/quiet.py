@@ -52,6 +52,13 @@ def current_filter() -> DoubleUnpinFilter | None:
     return None
 
 
+def remove_quiet_filter() -> None:
+    """Take the filter off again (tests: the logger is process-wide and outlives a test)."""
+    existing = current_filter()
+    if existing is not None:
+        logging.getLogger(DOUBLE_UNPIN_LOGGER).removeFilter(existing)
+
+
 def install_quiet_filter() -> DoubleUnpinFilter:
     """Install the filter once per process (idempotent) and return it."""
     existing = current_filter()
