@@ -129,6 +129,7 @@ def test_dry_run_prints_the_four_engine_plan(tmp_path):
 # ----- end to end, simulated ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("store", ["directory", "redis"])
 def test_b_loads_what_a_stored_plain_engines_do_not_share(tmp_path, request, store):
     ports = free_ports(5)
@@ -202,6 +203,7 @@ def _pings(url: str) -> bool:
         return False
 
 
+@pytest.mark.slow  # a real redis-server
 def test_redis_store_sizes_and_clears_lmcache_keys_only(redis_url):
     import redis
 
@@ -237,6 +239,7 @@ def test_unreachable_redis_is_one_clear_line_before_any_engine_starts(tmp_path):
 
 
 @pytest.mark.browser
+@pytest.mark.slow
 def test_share_page_shows_b_faster_after_a(tmp_path):
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"{CHROMIUM} is missing")
