@@ -30,7 +30,7 @@ from .errors import EngineError
 log = logging.getLogger(__name__)
 
 LMCACHE_KV_TRANSFER = {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}
-# Env every real engine gets (GPU.md): no 140 s flashinfer sampler JIT, stable hashes, no telemetry.
+# Env every real engine gets: no 140 s flashinfer sampler JIT at start, stable hashes, no usage stats.
 BASE_ENGINE_ENV = {"VLLM_USE_FLASHINFER_SAMPLER": "0", "PYTHONHASHSEED": "0", "VLLM_NO_USAGE_STATS": "1"}
 # Switches on kvdemo.vllm_plugin (its ENV_ENABLE) in LMCache engines only: the plain engine stays stock vLLM.
 PLUGIN_ENV = "KVDEMO_LMCACHE_PLUGIN"

@@ -3,7 +3,8 @@ Redis server. Creates, checks and clears it, and writes the LMCache config that 
 
 A Redis server is reached through one of two LMCache 0.5.3 connectors, chosen by the URL's scheme:
 - redis:// (or rediss://): the redis-py connector. It stores each KV chunk as two keys,
-  `<CacheEngineKey>metadata` and `<CacheEngineKey>kv_bytes`, and loaded KV at only ~0.26 GB/s (issue #17).
+  `<CacheEngineKey>metadata` and `<CacheEngineKey>kv_bytes`, and loads KV at ~0.26 GB/s
+  (benchmarks/results/share-redis-h100.json).
 - resp://host:port: the native batched client (lmcache.lmcache_redis, C++, in the wheel; one connection per
   worker thread, `extra_config.resp_num_threads`, default 8). It stores each chunk as ONE key,
   `<CacheEngineKey>` itself, whose value is exactly one full chunk's KV bytes: no metadata key (the shapes
@@ -70,8 +71,8 @@ class KvStore:
 
         WHY: a directory store on a disk is read from the OS page cache (memory) while its files are cached —
         right after A stored them, typically — and from the disk only when they are not; on tmpfs it is
-        memory always. Load speeds mean different things in each case (issue #17), so the page and the bench
-        say which it was.
+        memory always. Load speeds mean different things in each case, so the page and the bench say which
+        it was.
         """
         if self.is_resp:
             return (f"a Redis server ({self.url}, database 0) through LMCache's native batched RESP client: "

@@ -8,54 +8,42 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import sys
 import time
+from contextlib import ExitStack
 
+from .cli_shell import run_cli
 from .config import Settings, parse_settings, sharing_warning
-from .errors import EngineError, UserFacingError
+from .errors import UserFacingError
 from .lmcache_config import LmcacheConfig
 from .preflight import detect_gpus
-from .runtime import DEFAULT_CONTEXT_TOKENS, Runtime
-from .signals import raise_system_exit
+from .runtime import Runtime
 
 log = logging.getLogger("kvdemo")
 
-_raise_exit = raise_system_exit  # the old private name, kept for anyone who still imports it
-
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "httpx2", "httpcore", "openai"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    signal.signal(signal.SIGTERM, raise_system_exit)
+    """The app: 0, 1 when an engine fails, 2 for a problem the user can fix, 130 on Ctrl-C (cli_shell.py)."""
+    return run_cli("kvdemo", lambda cleanup: run(argv, cleanup), interrupted="interrupted, stopping engines…",
+                   engine_error_status=1)
+
+
+def run(argv: list[str] | None, cleanup: ExitStack) -> int:
+    """Flags → runtime → dry run, headless answer or UI; ``cleanup`` stops the engines whatever happens."""
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C works even if started with SIGINT ignored
-    runtime: Runtime | None = None
-    try:
-        settings = parse_settings(argv)
-        runtime = Runtime(settings)
-        if settings.dry_run:
-            return dry_run(runtime)
-        if settings.simulate:
-            print("kvdemo: SIMULATED engines — no GPU is used and every timing shown is SIMULATED.", flush=True)
-        warning = None if settings.no_ui else sharing_warning(settings)
-        if warning:  # before engines start: with vLLM that takes minutes
-            print(f"kvdemo: WARNING: {warning}", flush=True)
-        runtime.start()
-        if settings.no_ui:
-            return headless(runtime, settings.ask or "")
-        return serve_ui(runtime)
-    except EngineError as exc:
-        print(f"kvdemo: {exc}", file=sys.stderr, flush=True)
-        return 1
-    except UserFacingError as exc:
-        print(f"kvdemo: {exc}", file=sys.stderr, flush=True)
-        return 2
-    except KeyboardInterrupt:
-        print("kvdemo: interrupted, stopping engines…", file=sys.stderr, flush=True)
-        return 130
-    finally:
-        if runtime is not None:
-            runtime.stop()
+    settings = parse_settings(argv)
+    runtime = Runtime(settings)
+    cleanup.callback(runtime.stop)
+    if settings.dry_run:
+        return dry_run(runtime)
+    if settings.simulate:
+        print("kvdemo: SIMULATED engines — no GPU is used and every timing shown is SIMULATED.", flush=True)
+    warning = None if settings.no_ui else sharing_warning(settings)
+    if warning:  # before engines start: with vLLM that takes minutes
+        print(f"kvdemo: WARNING: {warning}", flush=True)
+    runtime.start()
+    if settings.no_ui:
+        return headless(runtime, settings.ask or "")
+    return serve_ui(runtime)
 
 
 def dry_run(runtime: Runtime) -> int:
@@ -79,12 +67,12 @@ def dry_run(runtime: Runtime) -> int:
 
 def headless(runtime: Runtime, question: str) -> int:
     """Precompute, then ask the question of each engine in turn and print answers and TTFTs."""
-    runtime.run_precompute()
+    runtime.precompute_and_wait()
     if runtime.progress.error:
         raise UserFacingError(f"Precompute failed: {runtime.progress.error}")
     builder = runtime.builder
     assert builder is not None
-    chunks = builder.default_selection(DEFAULT_CONTEXT_TOKENS, runtime.max_model_len - 512)
+    chunks = builder.page_selection(runtime.max_model_len)
     ids = builder.build(chunks, question)
     tag = " (SIMULATED)" if runtime.settings.simulate else ""
     print(f"kvdemo: {len(chunks)} chunks, {len(ids)} prompt tokens; precompute {runtime.progress.seconds:.2f} s{tag}")
@@ -118,7 +106,7 @@ def serve_ui(runtime: Runtime) -> int:
 
     s: Settings = runtime.settings
     demo = build_page(runtime)
-    runtime.start_precompute()
+    runtime.precompute_in_background()
     demo.queue(default_concurrency_limit=16, max_size=64)
     _, local_url, share_url = demo.launch(**launch_kwargs(s), prevent_thread_lock=True)
     print(f"kvdemo: UI at {local_url}" + (f" and {share_url}" if share_url else ""), flush=True)

@@ -1,7 +1,7 @@
 """Drop a directory's files from the OS page cache, so the next read of them comes from the disk.
 
 WHY: a KV store directory on a disk is read from the page cache (memory) right after an engine wrote it,
-so "engine B loaded the shared KV at 25 GB/s" measures memory, not the disk (issue #17). The share bench
+so "engine B loaded the shared KV at 25 GB/s" measures memory, not the disk. The share bench
 measures B once warm and once after this. ``/proc/sys/vm/drop_caches`` drops every cache of the machine
 and is read-only in a container; ``posix_fadvise(POSIX_FADV_DONTNEED)`` on each file drops only that
 file's clean pages, so each file is ``fsync``-ed first. Linux only (elsewhere: a clear error).
@@ -29,8 +29,8 @@ class DropReport:
     def dropped_gb(self) -> float | None:
         """How much the machine's page cache shrank: evidence the drop worked (other processes add noise).
 
-        Not evidence everywhere: on the lent H200 VM /proc/meminfo gave the same two values at every drop of
-        two runs, so there the read rate of the load that follows (the disk's, ~2 GB/s) is the evidence."""
+        Not evidence everywhere: some VMs report the same value before and after every drop; there the read
+        rate of the load that follows (the disk's) is the evidence."""
         if self.cached_before_gb is None or self.cached_after_gb is None:
             return None
         return round(self.cached_before_gb - self.cached_after_gb, 3)

@@ -3,9 +3,9 @@
 Each request is `[BOS] + sys` or `[BOS] + SEP + chunk` with max_tokens=1, so LMCache stores exactly one
 new segment; afterwards any order or subset of these chunks is served from cache.
 
-Then one warm-up request per engine (stored nowhere, see Runtime.warm_up_prompts), so that the user's
-first question does not show a cold-start artefact instead of what blending does. It decodes one token
-as well (max_tokens=2): a question is the first request of an engine's life that decodes.
+Then one warm-up request per engine (stored nowhere: kvdemo.scenarios.blend.warm_up_prompts), so that the
+user's first question does not show a cold-start artefact instead of what blending does. It decodes one
+token as well (max_tokens=2): a question is the first request of an engine's life that decodes.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 PLUGIN_GROUP = "vllm.general_plugins"
 PLUGIN_NAME = "kvdemo_lmcache"
 PLUGIN_TARGET = "kvdemo.vllm_plugin:register"
-VERIFIED_VERSIONS = {"vllm": "0.22.0", "lmcache": "0.5.3"}  # the pair GPU.md verified blending with
+VERIFIED_VERSIONS = {"vllm": "0.22.0", "lmcache": "0.5.3"}  # blending is verified with this pair (docs/plugin.md)
 
 
 @dataclass(frozen=True)

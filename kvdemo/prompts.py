@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SEPARATOR = " # # "  # LMCache's default blend_special_str
 SHOWN_SEPARATOR = "\n\n⟪ # # ⟫\n\n"  # how the UI shows a separator inside the context text
+# The page's default context: blending pays off on long contexts (benchmarks/results/blend-h100.json: 3x at 16K).
+DEFAULT_CONTEXT_TOKENS = 16_000
+ANSWER_ROOM_TOKENS = 512  # left under the engines' max_model_len for the question and the answer
 _PLACEHOLDER = "\x00KVDEMO_USER_MESSAGE\x00"
 
 
@@ -175,6 +178,11 @@ class PromptBuilder:
         texts = {**{n: c.text for n, c in self.library.chunks.items()}, **(extra_texts or {})}
         parts = [sys_text] + [texts[n] for n in chunk_names if n in texts]
         return SHOWN_SEPARATOR.join(parts)
+
+    def page_selection(self, max_model_len: int) -> list[str]:
+        """The page's default chunks (also /ask's and the headless question's when none are named): library
+        order up to DEFAULT_CONTEXT_TOKENS, leaving ANSWER_ROOM_TOKENS under ``max_model_len``."""
+        return self.default_selection(DEFAULT_CONTEXT_TOKENS, max_model_len - ANSWER_ROOM_TOKENS)
 
     def default_selection(self, min_tokens: int, max_tokens: int) -> list[str]:
         """Chunks in library order until the context reaches min_tokens (blending pays off on long contexts)."""

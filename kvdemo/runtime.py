@@ -35,9 +35,6 @@ from .upload_budget import UploadLedger
 
 log = logging.getLogger(__name__)
 
-# Blending pays off on long contexts (GPU.md: 1.2x at 8K, 1.5x at 16K, 2x at 24K with stock settings).
-DEFAULT_CONTEXT_TOKENS = 16_000
-
 
 class Runtime:
     def __init__(self, settings: Settings, specs: list[EngineSpec] | None = None) -> None:
@@ -140,49 +137,21 @@ class Runtime:
         return next(h for h in self.engines if h.spec.lmcache)
 
     def precompute_prompts(self) -> list[list[int]]:
+        """``[BOS] + sys`` and ``[BOS] + SEP + chunk`` for every shipped chunk: what the precompute stores."""
         assert self.builder is not None
         return self.builder.precompute_prompts(list(self.library.chunks))
 
-    def preheat_prompt(self, handle: EngineHandle) -> list[int]:
-        """A short request unlike any document, so an engine's first measured query is not a cold start."""
-        assert self.builder is not None
-        text = f"Preheat request for {handle.spec.key}: say hello."
-        return self.builder.bos_ids + list(self.builder.tokenizer.encode(text, add_special_tokens=False))
-
-    def warm_up_prompts(self) -> list[tuple[EngineHandle, list[int]]]:
-        """One request per engine, after the chunks are stored, that caches nothing a question could reuse.
-
-        Measured on the H100 (benchmarks/results/blend-h100-profile.md): the first blend of a fresh engine
-        took 1.6 s of LMCache recompute, the next ones 0.12-0.15 s. With this warm-up the first question's
-        blend took 0.24 s, but its client TTFT was still ~0.7 s above later ones on both engines, after
-        prefill-only warm-ups of 5K and of 18K tokens alike; hence the warm-ups also decode one token
-        (precompute.py). That last step is not yet measured on the GPU.
-        Length: the page's default selection. 🚀 gets a real blend (the default chunks reversed), sent with
-        skip_save; 🐢 gets the same length with each chunk's tokens reversed, so its prefix cache keeps
-        nothing beyond the system prompt, which every question shares anyway.
-        """
-        assert self.builder is not None
-        names = self.builder.default_selection(DEFAULT_CONTEXT_TOKENS, self.max_model_len - 512)[::-1]
-        if not names:
-            return []
-        sys_ids = self.builder.sys_ids()
-        question = self.builder.question_ids("Warm-up request: answer with one word.")
-        chunks = [self.builder.chunk_ids(n) for n in names]
-        out = []
-        for h in self.engines:
-            body = chunks if h.spec.lmcache else [c[::-1] for c in chunks]
-            out.append((h, self.builder.assemble(sys_ids, body, question)))
-        return out
-
-    def start_precompute(self) -> threading.Thread:
-        """Precompute in a background thread (the UI shows progress); returns the thread."""
-        self._precompute_thread = threading.Thread(target=self.run_precompute, name="precompute", daemon=True)
+    def precompute_in_background(self) -> threading.Thread:
+        """`precompute_and_wait` in a background thread (the page shows its progress); returns the thread."""
+        self._precompute_thread = threading.Thread(target=self.precompute_and_wait, name="precompute",
+                                                   daemon=True)
         self._precompute_thread.start()
         return self._precompute_thread
 
-    def run_precompute(self) -> PrecomputeProgress:
+    def precompute_and_wait(self) -> PrecomputeProgress:
         """Send the scenario's precompute plan (blend: store every chunk's KV in the LMCache engine, then warm
-        each engine up; share: preheat every engine), printing progress."""
+        each engine up; share: preheat every engine) from this thread, printing progress; returns it when done
+        (a failure is its ``error``)."""
         plan = self.scenario.precompute_plan(self)
         self.progress.what = plan.what
 
@@ -239,7 +208,7 @@ class Runtime:
                 self._upload_ledger = UploadLedger.for_runtime(self)
             return self._upload_ledger
 
-    async def precompute_segments(self, requests: list[list[int]]):
+    async def store_uploaded_segments(self, requests: list[list[int]]):
         """Store each `[BOS] + SEP + chunk` request's KV on the 🚀 engine (uploaded chunks; skip_save False),
         one at a time; yields how many are done after each. Raises EngineError / UserFacingError."""
         client = self.lmcache_engine.client()
@@ -272,7 +241,7 @@ class Runtime:
                 with self._lock:
                     self._cached_sys_prompts.clear()
                 self.progress = PrecomputeProgress()
-                self.run_precompute()
+                self.precompute_and_wait()
             return h.startup_s
         finally:
             with self._lock:

@@ -205,12 +205,13 @@ class SimulatedEngine:
             c.shared_load_s_per_token if self.store.shared else c.load_s_per_token)
         Path(directory).mkdir(parents=True, exist_ok=True)
         write_record(Path(directory), {
-            "req_id": f"cmpl-{request_id}-0-sim", "simulated": True, "path": "blend" if blended else "retrieve",
+            "req_id": f"cmpl-{request_id}-0-sim", "simulated": True, "mode": "blend" if blended else "retrieve",
             "prompt_tokens": prompt_tokens, "lmcache_hit_tokens": reused, "vllm_prefix_tokens": 0,
             "loaded_tokens": reused, "kv_bytes_loaded": reused * SIM_KV_BYTES_PER_TOKEN,
             "recomputed_tokens": max(1, int(reused * c.recompute_ratio)) if blended else None,
             "blend_tokens": reused if blended else None, "load_gpu_ms": round(reused * per_token * 1e3, 3),
-            "load_host_ms": None, "requests_in_step": 1, "time": time.time()})
+            "load_host_ms": None, "gc_pause_ms": None, "exact_mask_layers": 0, "mask_fallback_layers": 0,
+            "requests_in_step": 1, "time": time.time()})
 
     def _prefix_chunk_prefill(self, ids: list[int], save: bool) -> tuple[float, int]:
         """LMCache without blending: reuse of the longest stored prefix of chunk_size-token chunks."""

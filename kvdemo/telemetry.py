@@ -30,7 +30,7 @@ class LoadRecord:
     recomputed_tokens: int | None  # picked by the blender at its check layer (None: no blend)
     load_gpu_ms: float | None  # GPU time of the load (+ recompute when blending)
     load_host_ms: float | None
-    path: str  # "blend" or "retrieve"
+    mode: str  # "blend" or "retrieve" (LMCache loaded without blending)
     simulated: bool = False
 
     @property
@@ -44,13 +44,14 @@ class LoadRecord:
                    vllm_prefix_tokens=int(raw.get("vllm_prefix_tokens") or 0),
                    loaded_tokens=int(raw["loaded_tokens"]), kv_bytes_loaded=raw.get("kv_bytes_loaded"),
                    recomputed_tokens=raw.get("recomputed_tokens"), load_gpu_ms=raw.get("load_gpu_ms"),
-                   load_host_ms=raw.get("load_host_ms"), path=str(raw.get("path", "")),
+                   load_host_ms=raw.get("load_host_ms"),
+                   mode=str(raw.get("mode", raw.get("path", ""))),  # "path": records written before the rename
                    simulated=bool(raw.get("simulated", False)))
 
     def summary(self) -> str:
         """One line for the page: what was reused, recomputed and computed fresh, and the load."""
         parts = [f"LMCache reused {self.loaded_tokens:,} tokens"]
-        if self.recomputed_tokens is not None and self.path == "blend":
+        if self.recomputed_tokens is not None and self.mode == "blend":
             share = self.recomputed_tokens / self.hit_tokens if self.hit_tokens else 0.0
             parts.append(f"recomputed {self.recomputed_tokens:,} ({share:.0%})")
         parts.append(f"computed {self.fresh_tokens:,} fresh")
@@ -59,7 +60,7 @@ class LoadRecord:
             load.append(f"{self.kv_bytes_loaded / 1e9:.2f} GB KV loaded")
         ms = self.load_gpu_ms if self.load_gpu_ms is not None else self.load_host_ms
         if ms is not None:
-            what = "load + recompute" if self.path == "blend" else "load"
+            what = "load + recompute" if self.mode == "blend" else "load"
             load.append(f"{what} {ms:.0f} ms" + (" GPU" if self.load_gpu_ms is not None else ""))
         text = ", ".join(parts) + (f" · {', '.join(load)}" if load else "")
         return text + (" (SIMULATED)" if self.simulated else "")

@@ -45,34 +45,15 @@ import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from .config import Settings
-from .engine_handle import EngineHandle
 from .errors import UserFacingError
 from .lmcache_config import LmcacheConfig
 from .preflight import model_config
-from .prompts import ChunkLibrary, PromptBuilder
+from .runtime_view import RuntimeView
 
 log = logging.getLogger(__name__)
-
-
-class RuntimeView(Protocol):
-    """What the upload budget reads of the runtime (kvdemo.runtime.Runtime, which holds the one ledger): the
-    settings, the shipped chunks and their prompts, and the 🚀 engine. Its ``lmcache_config`` too, once
-    started (read with getattr: before start, the yaml)."""
-
-    settings: Settings
-    library: ChunkLibrary
-    builder: PromptBuilder | None
-
-    @property
-    def max_model_len(self) -> int: ...
-
-    @property
-    def lmcache_engine(self) -> EngineHandle: ...
-
-    def precompute_prompts(self) -> list[list[int]]: ...
 
 GIB = 2**30
 # Mistral-7B (the default model): 2 (K and V) × 32 layers × 8 KV heads × 128 head dim × 2 bytes (bf16).

@@ -346,7 +346,7 @@ async def add_upload(runtime: Runtime, up: Uploads, stem: str, text: str) -> Asy
     n = len(new)
     yield step(f"⏳ {stem}: {n} chunk{'s' if n != 1 else ''}, precomputing their KV on 🚀… 0/{n}")
     try:
-        async for done in runtime.precompute_segments(precompute_requests(builder, new)):
+        async for done in runtime.store_uploaded_segments(precompute_requests(builder, new)):
             yield step(f"⏳ {stem}: precomputing on 🚀… {done}/{n}")
     except UserFacingError as exc:
         yield step(f"⚠️ Precompute of {stem} failed, nothing added: {str(exc).splitlines()[0]}")

@@ -5,8 +5,8 @@ vLLM process: the API server, the engine core and the workers. The plugin does n
 ``KVDEMO_LMCACHE_PLUGIN=1`` (kvdemo sets it for its LMCache engines only) and LMCache is importable.
 
 Why a plugin at all: blending in lmcache 0.5.3 needs the loaded vLLM model registered with LMCache's
-``VLLMModelTracker`` and knows only Llama/Qwen2/Qwen3 model classes, and two LMCache bugs/slow paths are
-on the critical path of every blended request (see /work/shared/GPU.md). Patching from a plugin keeps
+``VLLMModelTracker`` and knows only Llama/Qwen2/Qwen3 model classes, and LMCache bugs and slow paths are
+on the critical path of every blended request (each fix: docs/plugin.md). Patching from a plugin keeps
 both wheels unmodified. The fixes live in :mod:`kvdemo.lmcache_patches`, one module each; this module only
 decides which run. Nothing is imported eagerly: each patch is attached to the import of the module it
 patches, so the API server, which never imports the worker or the blender, pays nothing.
@@ -160,9 +160,10 @@ def parse_fixes(value: str | None) -> frozenset[str]:
 
 def _reset_for_tests() -> None:
     """Forget this process's plugin state (hooks, finder, handler, once-only log lines) and put every
-    patched target back."""
+    patched target back (the quiet filter too)."""
     with hooks.lock:
         hooks.unpatch_all()
+        quiet.remove_quiet_filter()
         hooks.reset()
         profile.PROFILER.__init__()  # type: ignore[misc]
         mask.reset()

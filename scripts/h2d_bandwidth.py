@@ -1,9 +1,8 @@
 """Host<->GPU copy bandwidth of this machine, through the CUDA driver API only (no torch, no wheels).
 
-WHY: engine B of the share scenario copies 2.08 GB of stored KV to the GPU at 16K tokens; issue #17 asks for
->= 40 GB/s. This says what the machine's copy engines move at all (pinned and pageable memory, one 33.5 MB
-LMCache chunk at a time as the loads do, and in big copies), so a load rate can be read against the
-hardware's, not against a datasheet. Needs only the NVIDIA driver's libcuda.so.1.
+WHY: engine B of the share scenario copies 2.08 GB of stored KV to the GPU at 16K tokens. This says what the
+machine's copy engines move at all (pinned and pageable memory, one 33.5 MB LMCache chunk at a time as the
+loads do, and in big copies), so a load rate can be read against the hardware's, not against a datasheet. Needs only the NVIDIA driver's libcuda.so.1.
 
 Usage: python scripts/h2d_bandwidth.py [--out FILE.json]
 """

@@ -61,7 +61,7 @@ def main() -> int:
     runtime = Runtime(parse_settings(argv))
     try:
         runtime.start()
-        runtime.run_precompute()
+        runtime.precompute_and_wait()
         return asyncio.run(check(runtime, upload))
     finally:
         runtime.stop()

@@ -25,6 +25,18 @@ SIM_MAX_MODEL_LEN = 32768
 LABELS = [blend.LMCACHE_LABEL, blend.PLAIN_LABEL]
 
 
+# Slow tests in files this conftest does not own the markers of (kept apart so that those files stay untouched).
+SLOW_ELSEWHERE = {
+    "tests/test_quality.py::test_quality_bench_against_simulated_engines": "starts simulated engines per ratio",
+}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.nodeid in SLOW_ELSEWHERE:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item, call):
     """Keep each phase's report on the test item, so fixtures can tell whether the test failed."""

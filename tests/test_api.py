@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from conftest import make_runtime
+from conftest import SIM_MAX_MODEL_LEN, make_runtime
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 from helpers import alive, describe, free_ports, kill_all, start_app, ui_answers, wait_until
@@ -78,6 +78,7 @@ def call(app: App, *args):
     return app.client.predict(*args, api_name="/ask")
 
 
+@pytest.mark.slow  # the module's app: python app.py --simulate
 def test_ask_answers_on_both_engines_in_the_chosen_order(app, builder, library):
     r = call(app, QUESTION, CHUNKS, "", 0.0, 24)
     sys_prompt = library.sys_prompt  # "" = the default one
@@ -98,6 +99,24 @@ def test_ask_answers_on_both_engines_in_the_chosen_order(app, builder, library):
     assert r["speedup"] == pytest.approx(r["plain"]["ttft_s"] / r["lmcache"]["ttft_s"])
 
 
+@pytest.mark.slow  # the module's app: python app.py --simulate
+def test_a_default_client_gets_the_answer_and_default_chunks(app, builder, library, tmp_path):
+    """gradio_client as README shows it: download_files on (its default) takes any dict with a string "path"
+    for a file and downloads it, so /ask's answer must have none (its telemetry field is "mode")."""
+    client = Client(app.url, verbose=False, download_files=str(tmp_path))  # the default, in a test's folder
+    r = client.predict(QUESTION, CHUNKS, "", 0.0, 16, api_name="/ask")
+    telemetry = r["lmcache"]["lmcache_telemetry"]
+    assert telemetry is not None and telemetry["mode"] == "blend" and "path" not in telemetry, telemetry
+    assert r["speedup"] == pytest.approx(r["plain"]["ttft_s"] / r["lmcache"]["ttft_s"])
+    # Only the question: the page's default selection, system prompt, temperature and max tokens.
+    r = client.predict(QUESTION, api_name="/ask")
+    assert r["chunks"] == builder.page_selection(SIM_MAX_MODEL_LEN) and r["max_tokens"] == 128 and r["temperature"] == 0.0
+    assert r["context_tokens"] == builder.context_tokens(r["chunks"], library.sys_prompt)
+    assert all(r[k]["error"] is None for k in ("lmcache", "plain"))
+    assert not list(tmp_path.iterdir())  # nothing was taken for a file
+
+
+@pytest.mark.slow  # the module's app: python app.py --simulate
 def test_ask_with_an_edited_system_prompt_caches_it_first(app, builder):
     sys_prompt = "You answer in one short sentence, citing the section you used (test_api)."
     r = call(app, QUESTION, CHUNKS[::-1], sys_prompt, 0.5, 8)
@@ -107,12 +126,14 @@ def test_ask_with_an_edited_system_prompt_caches_it_first(app, builder):
     assert r["lmcache"]["cached_tokens"] > 0.95 * n_context  # the new system prompt too: it was cached first
 
 
+@pytest.mark.slow  # the module's app: python app.py --simulate
 def test_ask_without_chunks_answers_from_the_question_with_the_pages_note(app):
     r = call(app, QUESTION, [], None, 0.0, 8)
     assert r["note"] == "No chunks selected: answering from the question alone (nothing to reuse)."
     assert r["chunks"] == [] and all(r[k]["error"] is None for k in ("lmcache", "plain"))
 
 
+@pytest.mark.slow  # the module's app: python app.py --simulate
 def test_api_lists_ask_alone(app):
     for all_endpoints in (None, True):
         info = app.client.view_api(all_endpoints=all_endpoints, print_info=False, return_format="dict")
@@ -120,6 +141,7 @@ def test_api_lists_ask_alone(app):
     params = info["named_endpoints"]["/ask"]["parameters"]
     assert [(p["parameter_name"], p["parameter_default"]) for p in params] == [
         ("question", None), ("chunks", None), ("sys_prompt", None), ("temperature", 0.0), ("max_tokens", 128)]
+    assert [p["parameter_has_default"] for p in params] == [False, True, True, True, True]
     # The page's own events (prepare, stream, move, ...) are private: in the config, but no client may call them.
     deps = httpx.get(f"{app.url}config", timeout=10).json()["dependencies"]
     public = [d["api_name"] for d in deps if d["api_visibility"] != "private"]
@@ -128,6 +150,7 @@ def test_api_lists_ask_alone(app):
         app.client.predict(QUESTION, api_name="/prepare")
 
 
+@pytest.mark.slow  # the module's app: python app.py --simulate
 def test_bad_calls_get_the_pages_one_line_message(app, builder, library):
     runtime = make_runtime(builder)  # as the app validates (its engines planned, not started)
     every_chunk = list(library.chunks)  # over the model's limit

@@ -30,6 +30,7 @@ def _run(tmp_path, *flags: str) -> dict:
                       "--out", str(tmp_path / "out"), "--log-dir", str(tmp_path / "logs"), *flags])
 
 
+@pytest.mark.slow
 def test_blend_bench_writes_json_and_png_with_the_issue_keys(tmp_path):
     result = _run(tmp_path, "--contexts", "4000,12000", "--skip-app-question")
     written = json.loads((tmp_path / "out" / "blend-simulated.json").read_text())
@@ -47,6 +48,7 @@ def test_blend_bench_writes_json_and_png_with_the_issue_keys(tmp_path):
     assert big["plain_prefix_hit_ttft_s"] < big["plain_cold_ttft_s"]
 
 
+@pytest.mark.slow
 def test_share_bench_measures_b_after_a(tmp_path):
     written = _run(tmp_path, "--scenario", "share", "--contexts", "8000", "--kv-store-dir", str(tmp_path / "kv"),
                    "--skip-app-question")

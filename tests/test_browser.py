@@ -23,7 +23,7 @@ from helpers import alive, describe, free_ports, kill_all, port_is_free, wait_un
 
 from kvdemo.ui.session import answer_agreement
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

@@ -51,7 +51,7 @@ def test_stats_line(builder):
                     "(SIMULATED)  \n🔎 LMCache's record of this request did not arrive (see the engine log)")
     load = LoadRecord(prompt_tokens=18_031, hit_tokens=17_950, vllm_prefix_tokens=0, loaded_tokens=17_900,
                       kv_bytes_loaded=17_900 * 131_072, recomputed_tokens=2_692, load_gpu_ms=141.2,
-                      load_host_ms=None, path="blend", simulated=True)
+                      load_host_ms=None, mode="blend", simulated=True)
     assert stats_markdown(stats(17_900), sim, lmcache=True, load=load).endswith(
         "  \n🔎 LMCache reused 17,900 tokens, recomputed 2,692 (15%), computed 81 fresh · 2.35 GB KV loaded, "
         "load + recompute 141 ms GPU (SIMULATED)")

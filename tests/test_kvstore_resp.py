@@ -1,4 +1,4 @@
-"""The share scenario's KV store on LMCache's native RESP client (--kv-store resp://host:port, issue #17).
+"""The share scenario's KV store on LMCache's native RESP client (--kv-store resp://host:port).
 
 LMCache 0.5.3's resp:// connector writes one Redis key per chunk, the CacheEngineKey string itself (no
 `metadata` / `kv_bytes` pair as redis:// writes), always in database 0. kvdemo must size and clear those keys,
@@ -152,6 +152,7 @@ def resp_port(tmp_path):
     proc.wait(timeout=10)
 
 
+@pytest.mark.slow  # a real redis-server
 def test_resp_store_sizes_and_clears_lmcache_keys_only(resp_port):
     import redis
 
@@ -183,6 +184,7 @@ def test_unreachable_resp_store_is_one_clear_line(tmp_path):
     assert "\n" not in str(info.value) and dead in str(info.value)
 
 
+@pytest.mark.slow  # a real redis-server
 def test_resp_store_with_a_password_uses_lmcaches_variables(tmp_path, monkeypatch):
     """The password LMCache's RESP client reads (LMCACHE_RESP_PASSWORD) is the one kvdemo's checks use."""
     proc, port = _redis_server(tmp_path, "--requirepass", "s3cret")
@@ -201,6 +203,7 @@ def test_resp_store_with_a_password_uses_lmcaches_variables(tmp_path, monkeypatc
         proc.wait(timeout=10)
 
 
+@pytest.mark.slow  # a real redis-server and four simulated engines
 def test_share_scenario_runs_on_a_resp_url_simulated(tmp_path, resp_port):
     """--kv-store resp://: prepare pings it, A's stored KV shows in size_bytes, clear empties it (simulated
     engines write the redis:// form into the same database 0, which kvdemo recognises too)."""
@@ -211,7 +214,7 @@ def test_share_scenario_runs_on_a_resp_url_simulated(tmp_path, resp_port):
     runtime = Runtime(settings)
     try:
         runtime.start()
-        runtime.run_precompute()
+        runtime.precompute_and_wait()
         assert runtime.kv_store.size_bytes() == 0
         builder = runtime.builder
         ids = builder.build(builder.default_selection(8_000, runtime.max_model_len - 512), "Who binds names?")

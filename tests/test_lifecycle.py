@@ -29,6 +29,7 @@ from helpers import app_env, describe, free_ports, start_app, ui_answers, wait_u
 from kvdemo.errors import UserFacingError
 from kvdemo.preflight import check_port_free
 
+pytestmark = pytest.mark.slow  # every test starts and stops the app (20 cycles)
 CYCLES = 20
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGKILL)  # rotated: 7 SIGINT, 7 SIGTERM, 6 SIGKILL
 START_TIMEOUT_S = 60

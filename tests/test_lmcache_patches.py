@@ -143,7 +143,7 @@ def test_telemetry_records_each_loaded_request_with_its_blend(tmp_path):
 
     (record,) = _read_records(tmp_path, 1)
     per_token = 4 * 2 * 2 * 8 * 2
-    assert record["req_id"] == "cmpl-abc-0-1234" and record["path"] == "blend"
+    assert record["req_id"] == "cmpl-abc-0-1234" and record["mode"] == "blend"
     assert record["prompt_tokens"] == 9000 and record["lmcache_hit_tokens"] == 8000
     assert record["vllm_prefix_tokens"] == 300 and record["loaded_tokens"] == 8000 - 256
     assert record["recomputed_tokens"] == 800 and record["blend_tokens"] == 8000

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO_ROOT
 from helpers import app_env, free_ports
 
@@ -23,6 +24,7 @@ Work on an "AS IS" BASIS, WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND.
 """
 
 
+@pytest.mark.slow
 def test_page_check_uploads_asks_and_prints_the_telemetry(tmp_path):
     doc = tmp_path / "apache-license.txt"
     doc.write_text(DOCUMENT * 6)

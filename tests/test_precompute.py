@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from conftest import make_runtime
 
-from kvdemo.runtime import DEFAULT_CONTEXT_TOKENS, EngineHandle
+from kvdemo.prompts import DEFAULT_CONTEXT_TOKENS
+from kvdemo.runtime import EngineHandle
+from kvdemo.scenarios.blend import warm_up_prompts
 
 
 class RecordingClient:
@@ -29,9 +31,9 @@ def _contains(haystack: list[int], needle: list[int]) -> bool:
 
 def test_warm_up_blends_the_default_chunks_on_lmcache_and_caches_no_chunk_on_plain(builder):
     runtime = make_runtime(builder)
-    prompts = {h.spec.key: ids for h, ids in runtime.warm_up_prompts()}
+    prompts = {h.spec.key: ids for h, ids in warm_up_prompts(runtime)}
     assert set(prompts) == {"lmcache", "plain"}
-    names = builder.default_selection(DEFAULT_CONTEXT_TOKENS, runtime.max_model_len - 512)
+    names = builder.page_selection(runtime.max_model_len)
     assert len(names) >= 2
     chunk_ids = [builder.chunk_ids(n) for n in names]
     blended, plain = prompts["lmcache"], prompts["plain"]
@@ -55,13 +57,13 @@ def _record_requests(monkeypatch) -> dict[str, RecordingClient]:
 def test_precompute_sends_segments_then_warm_ups_and_reports_them_apart(builder, monkeypatch, capsys):
     runtime = make_runtime(builder)
     clients = _record_requests(monkeypatch)
-    progress = runtime.run_precompute()
+    progress = runtime.precompute_and_wait()
 
     segments = runtime.precompute_prompts()
     lm, plain = clients["lmcache"].sent, clients["plain"].sent
     assert [s["ids"] for s in lm[:len(segments)]] == segments
     assert all(s["max_tokens"] == 1 and not s["skip_save"] for s in lm[:len(segments)])  # stored
-    warm_ups = {h.spec.key: ids for h, ids in runtime.warm_up_prompts()}
+    warm_ups = {h.spec.key: ids for h, ids in warm_up_prompts(runtime)}
     assert [s["ids"] for s in lm[len(segments):]] == [warm_ups["lmcache"]]
     assert plain[0]["ids"] == warm_ups["plain"]
     assert lm[-1]["skip_save"] and lm[-1]["max_tokens"] == 2  # decodes one token, stores nothing
@@ -77,7 +79,7 @@ def test_precompute_sends_segments_then_warm_ups_and_reports_them_apart(builder,
 def test_share_scenario_preheats_every_engine_once_without_warm_ups(builder, monkeypatch):
     runtime = make_runtime(builder, "--scenario", "share")
     clients = _record_requests(monkeypatch)
-    progress = runtime.run_precompute()
+    progress = runtime.precompute_and_wait()
     assert set(clients) == {h.spec.key for h in runtime.engines} and len(clients) == 4
     assert all(len(c.sent) == 1 and c.sent[0]["max_tokens"] == 1 and not c.sent[0]["skip_save"]
                for c in clients.values())

@@ -9,7 +9,7 @@ import pytest
 from kvdemo.errors import UserFacingError
 from kvdemo.prompts import DEFAULT_SEPARATOR, SHOWN_SEPARATOR, ChunkLibrary, PromptBuilder
 
-SEP_IDS = [938, 938, 223]  # " # # " with the bundled tokenizer, minus the BOS (GPU.md)
+SEP_IDS = [938, 938, 223]  # " # # " with the bundled tokenizer, minus the BOS
 QUESTION = "How does Python resolve names in a class body?"
 
 

@@ -33,6 +33,7 @@ from test_browser import CHROMIUM, CHROMIUM_ARGS, _interrupt_and_check, pick
 
 from kvdemo.simulate import _answer_words
 
+pytestmark = pytest.mark.slow  # each test starts the app (and most drive Chromium)
 ARTIFACTS = REPO_ROOT / "tests" / "artifacts"  # screenshots of failed browser tests (git-ignored)
 AUTH = ("demo-user", "s3cret-pass")
 SESSIONS = 8

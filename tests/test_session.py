@@ -201,6 +201,7 @@ def test_edited_system_prompt_is_cached_once(builder, sim_engines):
     assert first is not None and first > 0 and again is None
 
 
+@pytest.mark.slow
 def test_engine_crash_mid_answer_shows_its_log(builder, sim_engines, tmp_path):
     """The 🐢 engine dies while answering: its pane gets the error with its log tail, 🚀 is unaffected."""
     spec = dataclasses.replace(sim_engines["plain"].spec, port=free_port(), sim_speed=0.5)
@@ -229,6 +230,7 @@ def test_engine_crash_mid_answer_shows_its_log(builder, sim_engines, tmp_path):
     assert "last lines of its log" in plain.error and "SIMULATED plain engine" in plain.error
 
 
+@pytest.mark.slow
 def test_stop_mid_answer_keeps_the_partial_answers_and_aborts_both_requests(builder, sim_engines, tmp_path):
     """The Stop button's cancel, at the session level: the task iterating stream_turn is cancelled while both
     engines stream. Both partial answers are kept and marked stopped, both engines see the client close the

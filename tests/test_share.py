@@ -129,6 +129,7 @@ def test_dry_run_prints_the_four_engine_plan(tmp_path):
 # ----- end to end, simulated ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("store", ["directory", "redis"])
 def test_b_loads_what_a_stored_plain_engines_do_not_share(tmp_path, request, store):
     ports = free_ports(5)
@@ -140,7 +141,7 @@ def test_b_loads_what_a_stored_plain_engines_do_not_share(tmp_path, request, sto
     runtime = Runtime(settings)
     try:
         runtime.start()
-        assert runtime.run_precompute().line().startswith("preheated with 4 requests")
+        assert runtime.precompute_and_wait().line().startswith("preheated with 4 requests")
         assert not _holds_entries(runtime.kv_store)  # preheat stores nothing of the document
         builder = runtime.builder
         ids = builder.build(builder.default_selection(16_000, runtime.max_model_len - 512), "Who binds names?")
@@ -202,6 +203,7 @@ def _pings(url: str) -> bool:
         return False
 
 
+@pytest.mark.slow  # a real redis-server
 def test_redis_store_sizes_and_clears_lmcache_keys_only(redis_url):
     import redis
 
@@ -237,6 +239,7 @@ def test_unreachable_redis_is_one_clear_line_before_any_engine_starts(tmp_path):
 
 
 @pytest.mark.browser
+@pytest.mark.slow
 def test_share_page_shows_b_faster_after_a(tmp_path):
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"{CHROMIUM} is missing")
@@ -302,7 +305,7 @@ def test_a_bad_share_template_is_one_line(tmp_path):
 
 
 def test_the_store_says_where_its_kv_lives(monkeypatch, tmp_path):
-    """Disk (page cache or disk), tmpfs (memory) or Redis: what a 'load from the store' measures (issue #17)."""
+    """Disk (page cache or disk), tmpfs (memory) or Redis: what a 'load from the store' measures."""
     from types import SimpleNamespace
 
     import psutil

@@ -207,7 +207,7 @@ def test_unreachable_engine_is_an_engine_error():
 
 def test_a_hit_on_the_system_prompt_alone_is_prefilled_not_blended(sim_engines, builder):
     """blend.yaml's min_retrieve_tokens (1024): LMCache prefills a short hit instead of loading it, so a
-    question whose only stored segment is the system prompt reports no reuse (issue #17, first request)."""
+    question whose only stored segment is the system prompt reports no reuse."""
     from kvdemo.bench.protocol import synthetic_chunks
 
     lm = sim_engines["lmcache"]

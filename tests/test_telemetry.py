@@ -13,7 +13,7 @@ from kvdemo.telemetry import LoadRecord, TelemetryReader
 def _raw(req_id: str, **extra) -> dict:
     return {"req_id": req_id, "prompt_tokens": 18_000, "lmcache_hit_tokens": 17_950, "vllm_prefix_tokens": 0,
             "loaded_tokens": 17_950, "kv_bytes_loaded": 17_950 * 131_072, "recomputed_tokens": 2_692,
-            "load_gpu_ms": 141.2, "load_host_ms": 12.0, "path": "blend", **extra}
+            "load_gpu_ms": 141.2, "load_host_ms": 12.0, "mode": "blend", **extra}
 
 
 def test_reader_matches_vllm_request_names_and_reads_whole_lines_only(tmp_path):
@@ -36,8 +36,13 @@ def test_summary_says_reused_recomputed_fresh_and_load():
     text = LoadRecord.from_json(_raw("r")).summary()
     assert text == ("LMCache reused 17,950 tokens, recomputed 2,692 (15%), computed 50 fresh · "
                     "2.35 GB KV loaded, load + recompute 141 ms GPU")
-    sim = LoadRecord.from_json(_raw("r", simulated=True, path="retrieve", recomputed_tokens=None)).summary()
+    sim = LoadRecord.from_json(_raw("r", simulated=True, mode="retrieve", recomputed_tokens=None)).summary()
     assert "recomputed" not in sim and sim.endswith("load 141 ms GPU (SIMULATED)")
+
+
+def test_records_written_before_mode_was_named_path_still_read():
+    old = {k: v for k, v in _raw("r").items() if k != "mode"} | {"path": "retrieve"}
+    assert LoadRecord.from_json(old).mode == "retrieve"
 
 
 def test_simulated_lmcache_engine_records_each_request(sim_engines, builder):
@@ -61,7 +66,7 @@ def test_simulated_lmcache_engine_records_each_request(sim_engines, builder):
 
     blended, plain_stats = asyncio.run(scenario())
     record = lmcache.load_record(blended.request_id, wait_s=2)
-    assert record is not None and record.simulated and record.path == "blend"
+    assert record is not None and record.simulated and record.mode == "blend"
     assert record.prompt_tokens == len(prompt) and record.loaded_tokens == blended.cached_tokens > 0
     assert 0 < record.recomputed_tokens < record.hit_tokens and record.fresh_tokens > 0
     assert "(SIMULATED)" in record.summary()

@@ -152,14 +152,14 @@ def test_session_prompts_include_uploaded_chunks(builder):
         builder.bos_ids + builder.sep_ids + list(up.chunks[name].ids)]
 
 
-def test_precompute_segments_stores_on_the_lmcache_engine(builder, sim_engines):
+def test_store_uploaded_segments_stores_on_the_lmcache_engine(builder, sim_engines):
     runtime = make_runtime(builder, handles=sim_engines)
     up = byo.Uploads()
     chunks = byo.make_chunks(builder, up, "store", "\n\n".join(words(60, i) + "." for i in range(3)), target=70)
     requests = byo.precompute_requests(builder, chunks)
 
     async def go() -> list[int]:
-        return [i async for i in runtime.precompute_segments(requests)]
+        return [i async for i in runtime.store_uploaded_segments(requests)]
 
     assert asyncio.run(go()) == list(range(1, len(chunks) + 1))
 

@@ -24,7 +24,7 @@ from kvdemo.lmcache_patches import hooks, kernels, mask, quiet, split, targets
 from kvdemo.lmcache_patches import tokens as token_fix
 
 ENGINE_NAME = "vllm-instance"
-SEP = [938, 938, 223]  # " # # " minus BOS with the dummy model's tokenizer (GPU.md)
+SEP = [938, 938, 223]  # " # # " minus BOS with the dummy model's tokenizer (scripts/make_dummy_model.py)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -4,15 +4,14 @@ write, or the quality case (quality.py)."""
 from __future__ import annotations
 
 import argparse
-import logging
 import shlex
-import signal
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
+from ..cli_shell import run_cli
 from ..config import REPO_ROOT, Settings, build_parser, settings_from_args, with_pass_through_values
 from ..errors import UserFacingError
-from ..signals import raise_system_exit
 from .cases import cases_for
 from .job import BenchJob, token_counts
 from .measure import measure
@@ -79,14 +78,10 @@ def run(argv: list[str] | None = None) -> dict:
     return measured.result
 
 
-def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "httpx2", "httpcore", "openai"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    signal.signal(signal.SIGTERM, raise_system_exit)
-    try:
-        run()
-    except UserFacingError as exc:
-        print(f"kvdemo.bench: {exc}", file=sys.stderr)
-        return 2
-    return 0
+def main(argv: list[str] | None = None) -> int:
+    """``python -m kvdemo.bench``: 0, or 2 with one line for a problem the user can fix (cli_shell.py)."""
+    def body(_cleanup: ExitStack) -> int:
+        run(argv)
+        return 0
+
+    return run_cli("kvdemo.bench", body)

@@ -41,7 +41,7 @@ def measure(job: BenchJob) -> Measured:
         if not job.skip_app_question:
             headless(runtime, settings.ask or "")  # the app's own path: precompute library + answer
         else:
-            runtime.run_precompute()
+            runtime.precompute_and_wait()
         gpus = detect_gpus() if not settings.simulate else []
         device = "SIMULATED (no GPU)" if settings.simulate else (gpus[0].name if gpus else "unknown")
         traces: list[dict] = []

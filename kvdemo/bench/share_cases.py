@@ -94,7 +94,7 @@ def share_case_line(c: dict) -> str:
 
 def add_b_load_figures(runtime: Runtime, repeats: list[dict]) -> None:
     """Per repeat, B's load rates from its engine log's "kvdemo pipeline" line for that request, warm and cold:
-    the copy to the GPU (``*load_gb_s``: bytes / copy time, issue #17's 40 GB/s target) and the whole load
+    the copy to the GPU (``*load_gb_s``: bytes / copy time) and the whole load
     (``*read_gb_s``: bytes / (read + copy) time, what the store itself allows: page cache, disk or Redis)."""
     lines = b_load_log(runtime, limit=10_000)
     for r in repeats:

@@ -19,15 +19,12 @@ BLEND_CUSTOM_OPS: tuple[str, ...] = ("silu_and_mul", "rotary_embedding")
 def patch_blend_kernels(module: ModuleType) -> None:
     """Wrap ``LMCBlender.blend`` so LMCache's layerwise recompute calls vLLM's CUDA kernels.
 
-    WHY: the blender recomputes part of the prompt with an *eager*, layer-by-layer walk over vLLM's own
-    modules (``LMCBaseModel.compute_layer``). Under vLLM's default torch.compile, vLLM sets those modules
-    to their unfused PyTorch ("native") code, which Inductor fuses inside vLLM's graph: RMSNorm (vLLM IR
-    ops, ~11 small kernels per call eagerly), SiLU-and-mul and RoPE (CustomOps). Eagerly that made the
-    16K blend CPU-bound on the H100 (torch-profiler trace: GPU idle 80 of 218 ms). Inside the blend
-    only, the IR ops get vLLM's C kernels first (``IrOp.set_priority``, vLLM's scoped override) and the
-    two CustomOps dispatch to ``forward_cuda`` (what ``--enforce-eager`` uses); both are restored when
-    the blend returns. vLLM's own compiled forward and CUDA graphs are untouched (setting the same
-    kernels engine-wide, decode fell to 0.94-0.96 of plain vLLM on the H100; scoped: 0.98).
+    Inside the blend only, the IR ops get vLLM's C kernels first (``IrOp.set_priority``, vLLM's scoped
+    override) and the two CustomOps dispatch to ``forward_cuda`` (what ``--enforce-eager`` uses); both are
+    restored when the blend returns, so vLLM's own compiled forward and CUDA graphs are untouched.
+    WHY: the blender recomputes with an *eager*, layer-by-layer walk over vLLM's modules
+    (``LMCBaseModel.compute_layer``), which under torch.compile are set to their unfused PyTorch code
+    (RMSNorm ~11 small kernels per call): the blend was CPU-bound (docs/plugin.md).
     """
     def make(original: Any) -> Any:
         def blend(self: Any, *args: Any, **kwargs: Any) -> Any:

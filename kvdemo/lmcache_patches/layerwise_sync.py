@@ -27,10 +27,8 @@ def patch_batched_to_gpu(module: ModuleType) -> None:
     * before the load stream overwrites the other buffer, it waits for an event recorded on the compute
       stream *before the blender's compute of the previous layer is enqueued*. That buffer last held
       layer i-2, whose readers (the blender's compute of layer i-2, the paged-memory transfer of layer
-      i-2) are enqueued before that point; the compute of layer i-1 reads the other buffer. A plain
-      ``load_stream.wait_stream(current_stream)`` at copy time (this fix's first version) also waited for
-      the compute of layer i-1 and so serialized every load behind the previous layer's compute: no
-      overlap at all (measured on the H100: blend = retrieve + compute);
+      i-2) are enqueued before that point; the compute of layer i-1 reads the other buffer. (Waiting on
+      the compute stream at copy time would also wait for layer i-1 and serialize every load behind it.)
     * at the last layer the host still waits for the load stream, because ``retrieve_layer`` releases
       the CPU memory objects (``ref_count_down``) right after that step returns.
     """

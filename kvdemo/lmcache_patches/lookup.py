@@ -14,15 +14,12 @@ from .tokens import is_tensor
 def patch_direct_lookup(module: ModuleType) -> None:
     """Wrap ``LMCacheLookupClient.lookup``: when the LMCache engine lives in this process, ask it directly.
 
-    WHY: with one GPU, vLLM runs the scheduler and the worker in one engine-core process, yet LMCache's
-    scheduler-side lookup still msgpack-encodes the whole prompt, sends it over ZMQ to a lookup-server
-    thread of the same process, which decodes it and calls ``LMCacheEngine.lookup``; the scheduler
-    waits, the GPU idles (10.7 ms for a 24K prompt in the H100 phase profile). LMCache's own
-    ``enable_scheduler_bypass_lookup`` does the direct call but is only allowed for MLA models. This
-    makes the same call the lookup server makes (``pin=True``, same arguments), records the result
-    as the client does, and falls back to the ZMQ path when there is no engine here (one process per
-    worker), more than one worker, or the direct call fails. An A/B on the H100 (with 'tokens') showed no
-    TTFT change beyond the spread of single repeats; the engine log says once which path lookups take.
+    Makes the call the lookup server makes (``pin=True``, same arguments) and records the result as the
+    client does; falls back to the ZMQ path when there is no engine here (one process per worker), more
+    than one worker, or the direct call fails. The engine log says once which path lookups take.
+    WHY: with one GPU the scheduler and the worker share one engine-core process, yet LMCache's lookup
+    msgpack-encodes the whole prompt and sends it over ZMQ to a thread of that process while the GPU idles
+    (its own ``enable_scheduler_bypass_lookup`` is allowed for MLA models only; docs/plugin.md).
     """
     def make(original: Any) -> Any:
         def lookup(self: Any, token_ids: Any, lookup_id: str, request_configs: dict | None = None) -> Any:

@@ -14,13 +14,10 @@ from .targets import MOD_CACHE_ENGINE
 def patch_pipelined_retrieve(module: ModuleType) -> None:
     """Wrap ``LMCacheEngine.retrieve`` (the non-layerwise load of the KV-sharing scenario) to pipeline it.
 
-    WHY: engine B of the share scenario loads 2 GB at 16K tokens from the file-system store; LMCache
-    0.5.3 reads every chunk and only then copies them all to the GPU. :mod:`.pipelined_load`
-    copies each group of chunks while later groups are read, with the same prefix, stats and release
-    rules. Configurations it does not cover (async loading, first-rank-only saving, remove-after-retrieve,
-    passive ranks, an unhealthy engine) take LMCache's own retrieve unchanged. Measured on one H100 (A/B on
-    one machine, with share.yaml's ``use_exists_sync``): a 16K load 106-172 ms -> 89-114 ms, B's TTFT
-    0.20 s -> 0.14-0.16 s; the copy (68-96 ms) is what remains, the reads of later groups are hidden.
+    :mod:`.pipelined_load` copies each group of chunks while later groups are read, with the same prefix,
+    stats and release rules. Configurations it does not cover (async loading, first-rank-only saving,
+    remove-after-retrieve, passive ranks, an unhealthy engine) take LMCache's own retrieve unchanged.
+    WHY: LMCache 0.5.3 reads every chunk (2 GB at 16K tokens) and only then copies them all to the GPU.
     """
     if find_target(module, "LMCacheEngine.retrieve", "pipeline") is None or \
             not copied_version_matches("pipeline", "LMCacheEngine.retrieve"):

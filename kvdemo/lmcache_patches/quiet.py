@@ -19,12 +19,10 @@ class DoubleUnpinFilter(logging.Filter):
     each pinned object, then ``wait_for_save`` calls ``lookup_unpin(req_id)``), so a 16K blended request
     logs ~288 warnings (9 segments x 32 layers, ~12 ms). LMCache resets the pin count to 0 itself.
 
-    Why quieting "by logger name" did not work: ``lmcache.logging.init_logger`` gives every LMCache
-    module logger its own handler, ``propagate = False`` and an explicit level from
-    ``LMCACHE_LOG_LEVEL``, and it does so when the module is imported. A level set on ``lmcache`` (the
-    parent) never applies, and a level set on ``lmcache.v1.memory_management`` before that import is
-    overwritten by it. A filter on the logger object itself survives (init_logger clears handlers,
-    never filters) and drops the record before any handler formats or writes it.
+    A filter, not a level: ``lmcache.logging.init_logger`` gives every LMCache module logger its own
+    handler, ``propagate = False`` and a level of its own when the module is imported, so a level set from
+    outside never holds; a filter on the logger survives (init_logger clears handlers, never filters) and
+    drops the record before any handler formats it.
     """
 
     def __init__(self, keep_first: int = 1) -> None:
@@ -52,6 +50,13 @@ def current_filter() -> DoubleUnpinFilter | None:
         if isinstance(existing, logging.Filter) and type(existing).__name__ == DoubleUnpinFilter.__name__:
             return existing  # type: ignore[return-value]
     return None
+
+
+def remove_quiet_filter() -> None:
+    """Take the filter off again (tests: the logger is process-wide and outlives a test)."""
+    existing = current_filter()
+    if existing is not None:
+        logging.getLogger(DOUBLE_UNPIN_LOGGER).removeFilter(existing)
 
 
 def install_quiet_filter() -> DoubleUnpinFilter:

@@ -1,16 +1,10 @@
 """Fix 'short': a prompt shorter than one LMCache chunk is stored when only a partial chunk of it was hit.
 
-WHY (seen on an H200 with an uploaded document, lmcache 0.5.3): the last chunk of an upload was 248 tokens.
-Its precompute request found 1 token in LMCache (the ``[BOS]`` segment every blended prompt starts with), below
-``min_retrieve_tokens``, so nothing was loaded, but ``RequestTracker.from_new_request`` still records that
-hit as ``num_saved_tokens = 1``. ``ReqMeta.from_request_tracker`` then skips the save because "a save already
-happened and the prompt (248) has not reached the next chunk boundary (256)" — a rule meant for later
-steps of a request that was saved. The chunk was never stored, and every question that put it before other
-chunks lost the reuse of everything after it (LMCache's blended lookup stops at the first missing segment).
-
-A hit shorter than one chunk cannot skip anything when saving (the adapter aligns the skipped prefix down to
-a chunk boundary, i.e. to 0), so recording it as already saved has no use but this wrong skip. Here such a
-hit is recorded as 0 saved tokens; hits of a chunk or more are left as LMCache records them.
+A hit shorter than one chunk (e.g. the 1-token ``[BOS]`` segment, not loaded as it is below
+``min_retrieve_tokens``) is recorded as 0 saved tokens; hits of a chunk or more are left as LMCache records
+them. Saving can skip nothing for such a hit (the skipped prefix is aligned down to a chunk boundary, 0).
+WHY: lmcache 0.5.3 records it as already saved and then skips the save until the next chunk boundary, so a
+short prompt, such as an upload's last chunk, was never stored (docs/plugin.md).
 """
 
 from __future__ import annotations

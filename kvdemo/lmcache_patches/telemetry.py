@@ -4,13 +4,13 @@
 (several visitors ask at once) and logs the blender's picked count at DEBUG without a request id. So the
 connector's ``start_load_kv`` is wrapped: for each request it loads, one JSON line goes to
 ``DIR/lmcache-<pid>.jsonl`` with vLLM's request id (``cmpl-<X-Request-Id>-0-<random>``: the app sets the
-header and finds its line, kvdemo.telemetry), the tokens LMCache had (hit), the prefix vLLM already had,
-the tokens loaded and their KV bytes (tokens × LMCache's bytes per token), the tokens the blender picked to
-recompute at its check layer (``LMCBlender.process_qkv``), and how long the load took: host time of the
-call, and GPU time between CUDA events around it (blending: load + recompute of the hit tokens), the
-Python garbage collector's pauses inside the call, and how many attention layers the exact mask computed
-(or fell back on LMCache's call). The GPU time is read by a small thread once the end event completes, so
-the engine step never waits for it.
+header and finds its line, kvdemo.telemetry), ``mode`` ("blend", or "retrieve" without blending), the
+tokens LMCache had (hit), the prefix vLLM already had, the tokens loaded and their KV bytes (tokens ×
+LMCache's bytes per token), the tokens the blender picked to recompute at its check layer
+(``LMCBlender.process_qkv``), and how long the load took: host time of the call, and GPU time between CUDA
+events around it (blending: load + recompute of the hit tokens), the Python garbage collector's pauses
+inside the call, and how many attention layers the exact mask computed (or fell back on LMCache's call).
+The GPU time is read by a small thread once the end event completes, so the engine step never waits for it.
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ def patch_start_load_kv(module: ModuleType, directory: Path) -> None:
             picked = list(getattr(blender, "_kvdemo_picked", None) or [])
             per_token = kv_bytes_per_token(getattr(self, "lmcache_engine", None))
             for i, record in enumerate(requests):
-                record.update(path="blend" if getattr(self, "enable_blending", False) else "retrieve",
+                record.update(mode="blend" if getattr(self, "enable_blending", False) else "retrieve",
                               recomputed_tokens=picked[i][0] if i < len(picked) else None,
                               blend_tokens=picked[i][1] if i < len(picked) else None,
                               kv_bytes_loaded=record["loaded_tokens"] * per_token if per_token else None,

@@ -13,12 +13,9 @@ from .targets import MOD_BLENDER, MOD_TOKEN_DB
 def token_id_tensor(tokens: Iterable[int]) -> Any:
     """An int64 CPU tensor of ``tokens``, copied through one NumPy buffer.
 
-    WHY: ``torch.tensor(list)`` converts element by element (and infers the dtype first when none is
-    given): on the H100 host the trace of a 24K-token blend shows ~6 ms of CPU before its first GPU
-    operation for that alone, with the GPU idle; NumPy's ``fromiter`` + ``torch.from_numpy`` takes
-    ~0.3 ms for the same list (measured on CPU). Same values, dtype int64 as torch infers for ints.
-    Measured on the H100 (blend-h100-profile.md): host time before a 24K blend's first GPU operation
-    9.2 ms -> 1.1-1.9 ms; the TTFT change (with 'lookup') stayed inside the spread of single repeats.
+    Same values, dtype int64 as torch infers for ints.
+    WHY: ``torch.tensor(list)`` converts element by element while the GPU waits (~6 ms for 24K tokens,
+    ~0.3 ms this way; docs/plugin.md).
     """
     import numpy as np
     import torch

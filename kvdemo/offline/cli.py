@@ -11,16 +11,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import os
-import signal
 import sys
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
+from ..cli_shell import run_cli
 from ..config import DEFAULT_MODEL, with_pass_through_values
-from ..errors import UserFacingError
-from ..signals import raise_system_exit
 from .bench import measure, print_report, result_record, write_output
 from .plan import prepare, print_plan
 from .session import BlendSession
@@ -122,22 +120,9 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: 0 on success, 2 with one ``kvdemo.offline: <message>`` line for problems a user can fix."""
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we tokenize before vLLM forks its engine
-    try:
-        previous = signal.signal(signal.SIGTERM, raise_system_exit)
-    except ValueError:  # not the main thread
-        previous = None
-    try:
-        args = build_parser().parse_args(with_pass_through_values(argv))
-        return run(args)
-    except UserFacingError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr, flush=True)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted (any engine started was shut down).", file=sys.stderr, flush=True)
-        return 130
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+
+    def body(_cleanup: ExitStack) -> int:
+        return run(build_parser().parse_args(with_pass_through_values(argv)))
+
+    return run_cli(PROG, body, interrupted="interrupted (any engine started was shut down).")

@@ -4,35 +4,22 @@ One instance per scenario (``SCENARIO`` in scenarios/blend.py and scenarios/shar
 ``kvdemo.scenarios.get_scenario``. The runtime holds its scenario as ``runtime.scenario``.
 
 The import graph stays one-way (ui, bench → runtime → scenarios → engines/config): a scenario sees the runtime
-only as `RuntimeView`, the little of it that a precompute plan needs, and knows neither its page (the UI's
-kvdemo/ui/pages.py picks that by scenario name) nor its bench protocol (kvdemo/bench/cases.py, share_cases.py).
+only as kvdemo.runtime_view's `RuntimeView` and plans its own precompute prompts from it; it knows neither its
+page (the UI's kvdemo/ui/pages.py picks that by scenario name) nor its bench protocol (kvdemo/bench/cases.py,
+share_cases.py).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from typing import ClassVar
 
 from ..config import Settings
 from ..engine_handle import EngineHandle
 from ..engines import EngineSpec
 from ..kvstore import KvStore
-
-
-class RuntimeView(Protocol):
-    """What a scenario asks of the runtime (kvdemo.runtime.Runtime) to plan its precompute."""
-
-    engines: list[EngineHandle]
-
-    @property
-    def lmcache_engine(self) -> EngineHandle: ...
-
-    def precompute_prompts(self) -> list[list[int]]: ...
-
-    def warm_up_prompts(self) -> list[tuple[EngineHandle, list[int]]]: ...
-
-    def preheat_prompt(self, handle: EngineHandle) -> list[int]: ...
+from ..runtime_view import RuntimeView
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ from ..config import Settings, plan_gpus
 from ..engine_handle import EngineHandle
 from ..engines import EngineSpec
 from ..kvstore import KvStore
-from .base import PrecomputePlan, RuntimeView, Scenario
+from ..runtime_view import RuntimeView
+from .base import PrecomputePlan, Scenario
 
 ENGINES = (  # key, label, lmcache
     ("lmcache_a", "🚀 vLLM + LMCache (A)", True),
@@ -43,7 +44,7 @@ class ShareScenario(Scenario):
 
     def precompute_plan(self, runtime: RuntimeView) -> PrecomputePlan:
         """Preheat every engine once: nothing a question could reuse is cached (A must store it, B load it)."""
-        return PrecomputePlan("preheat", [(h, runtime.preheat_prompt(h), False) for h in runtime.engines])
+        return PrecomputePlan("preheat", [(h, preheat_prompt(runtime, h), False) for h in runtime.engines])
 
     def skip_save(self, handle: EngineHandle) -> bool:
         """Storing is the point: engine A stores what engine B then loads."""
@@ -52,6 +53,14 @@ class ShareScenario(Scenario):
     def restart_redoes_precompute(self, handle: EngineHandle) -> bool:
         """The preheat cached nothing that a restarted engine lacks."""
         return False
+
+
+def preheat_prompt(runtime: RuntimeView, handle: EngineHandle) -> list[int]:
+    """A short request unlike any document, so that an engine's first measured query is not a cold start."""
+    b = runtime.builder
+    assert b is not None
+    text = f"Preheat request for {handle.spec.key}: say hello."
+    return b.bos_ids + list(b.tokenizer.encode(text, add_special_tokens=False))
 
 
 SCENARIO = ShareScenario()

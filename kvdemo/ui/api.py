@@ -1,10 +1,14 @@
 """The demo's one scriptable endpoint, /ask: the page's turn on every engine, answered in one JSON-able dict.
 
     from gradio_client import Client
-    r = Client("http://127.0.0.1:7860/").predict(
-        "How does Python resolve a name used inside a class body?", ["06-names-scopes", "09-functions-classes"],
-        "", 0.0, 128, api_name="/ask")
+    client = Client("http://127.0.0.1:7860/")
+    r = client.predict("How does Python resolve a name used inside a class body?",
+                       ["06-names-scopes", "09-functions-classes"], "", 0.0, 128, api_name="/ask")
     print(r["speedup"], r["lmcache"]["ttft_s"], r["plain"]["ttft_s"])
+    r = client.predict("How are names bound?", api_name="/ask")  # the page's default chunks and settings
+
+No dict in the answer has a string field ``path``: gradio_client (download_files on, its default) would take
+it for a file and try to download it.
 
 `ask` is a plain coroutine of the Runtime (tests call it directly); `register` adds it to the page's Blocks.
 """
@@ -31,14 +35,17 @@ from .session import (
 API_NAME = "ask"
 
 
-async def ask(runtime: Runtime, question: str, chunks: list[str] | None, sys_prompt: str | None = None,
+async def ask(runtime: Runtime, question: str, chunks: list[str] | None = None, sys_prompt: str | None = None,
               temperature: float | None = DEFAULT_TEMPERATURE, max_tokens: int | None = DEFAULT_MAX_TOKENS) -> dict:
     """One turn, as the page's Ask button runs it, on every engine; the answers once all are done.
+
+    ``chunks`` None: the page's default selection; ``[]``: no chunks (the question alone).
 
     Raises UserFacingError, with the message the page shows, for input the page would refuse. An engine
     that fails does not raise: its entry has the error and no timings, and the other engines answer.
     """
-    names = _chunk_names(chunks)
+    assert runtime.builder is not None
+    names = runtime.builder.page_selection(runtime.max_model_len) if chunks is None else _chunk_names(chunks)
     if sys_prompt is not None and not isinstance(sys_prompt, str):
         raise UserFacingError("The system prompt must be text (empty or None for the default one).")
     sys_text = sys_prompt if sys_prompt and sys_prompt.strip() else runtime.library.sys_prompt
@@ -59,7 +66,6 @@ async def ask(runtime: Runtime, question: str, chunks: list[str] | None, sys_pro
     replies: dict[str, EngineReply] = {}
     async for replies in stream_turn(runtime, turn):
         pass
-    assert runtime.builder is not None
     sim = " (SIMULATED)" if runtime.settings.simulate else ""
     out: dict = {"question": turn.question, "chunks": turn.chunk_names,
                  "context_tokens": runtime.builder.context_tokens(turn.chunk_names, sys_text),
@@ -94,8 +100,6 @@ def _telemetry(load: LoadRecord | None) -> dict | None:
 
 
 def _chunk_names(chunks) -> list[str]:
-    if chunks is None:
-        return []
     if isinstance(chunks, str):  # one name, or a client that sent the list as one string
         chunks = [chunks]
     if not isinstance(chunks, list | tuple) or not all(isinstance(n, str) for n in chunks):
@@ -106,13 +110,13 @@ def _chunk_names(chunks) -> list[str]:
 def register(runtime: Runtime) -> None:
     """Add /ask to the Blocks being built (call it inside `with gr.Blocks()`): an event of no component."""
 
-    async def ask_endpoint(question: str, chunks: list[str], sys_prompt: str | None = None,
+    async def ask_endpoint(question: str, chunks: list[str] | None = None, sys_prompt: str | None = None,
                            temperature: float = DEFAULT_TEMPERATURE, max_tokens: int = DEFAULT_MAX_TOKENS) -> dict:
         """Ask both engines one question over the given chunks, as the page does; returns answers and timings.
 
         Args:
             question: the question
-            chunks: chunk names in prompt order (the page's chunk picker values, e.g. "01-data-model")
+            chunks: chunk names in prompt order (the page's chunk picker values, e.g. "01-data-model"); omitted or None: the page's default selection, []: none
             sys_prompt: system prompt; empty or None for the default one
             temperature: 0 to 2 (page default 0)
             max_tokens: tokens to generate, 1 to 2048 (page default 128)

@@ -11,7 +11,7 @@ import gradio as gr
 
 from .. import uploads as byo
 from ..config import Settings, sharing_warning  # noqa: F401 - re-exported for callers
-from ..runtime import DEFAULT_CONTEXT_TOKENS, Runtime
+from ..runtime import Runtime
 from .api import register as register_api
 from .chart import SERIES, X, Y, chart_caption, chart_title, colour_map
 from .handlers import (
@@ -56,7 +56,7 @@ def build_ui(runtime: Runtime) -> gr.Blocks:
     assert builder is not None
     library = runtime.library
     choices = chunk_choices(runtime)
-    default_chunks = builder.default_selection(DEFAULT_CONTEXT_TOKENS, runtime.max_model_len - 512)
+    default_chunks = builder.page_selection(runtime.max_model_len)
     handles = {h.spec.key: h for h in runtime.engines}
     labels = [h.spec.label for h in runtime.engines]
     simulated = bool(runtime.settings.simulate)

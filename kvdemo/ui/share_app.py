@@ -12,7 +12,7 @@ import gradio as gr
 
 from ..errors import UserFacingError
 from ..kvstore import KvStore
-from ..runtime import DEFAULT_CONTEXT_TOKENS, Runtime
+from ..runtime import Runtime
 from ..telemetry import LoadRecord
 from .labels import SIMULATED_BANNER, load_text, simulated_label
 from .session import Turn, stream_turn, validate_turn
@@ -58,7 +58,7 @@ def build_share_ui(runtime: Runtime) -> gr.Blocks:
     assert builder is not None
     titles = runtime.library.titles()
     choices = [(f"{titles[n]}  ({len(builder.chunk_ids(n)):,} tok)", n) for n in runtime.library.chunks]
-    default_doc = builder.default_selection(DEFAULT_CONTEXT_TOKENS, runtime.max_model_len - 512)
+    default_doc = builder.page_selection(runtime.max_model_len)
     labels = [h.spec.label for h in runtime.engines]
     sim = simulated_label(runtime)
 
