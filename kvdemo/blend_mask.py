@@ -4,7 +4,8 @@ WHY: after its check layer, LMCache 0.5.3 recomputes only the k selected tokens 
 ``p_0 < p_1 < ... < p_{k-1}`` out of N) and calls FlashAttention with ``causal=True`` on k queries and N
 keys. FlashAttention aligns that causal mask bottom-right, so selected query i attends keys
 ``0 .. N-k+i`` although its true position is ``p_i <= N-k+i``: every recomputed chunk token also sees
-tokens *after* it (LMCache issue #1152, CacheBlend issue #21). The right mask is ``key <= p_i``.
+tokens *after* it (https://github.com/LMCache/LMCache/issues/1152,
+https://github.com/YaoJiayi/CacheBlend/issues/21). The right mask is ``key <= p_i``.
 
 How: a plan built once per request from the positions (plain index arithmetic, below) and reused in
 every layer. Per tile of 128 selected queries (positions ``p_min .. p_max``), key blocks of 128 below

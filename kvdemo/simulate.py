@@ -9,7 +9,7 @@ token-id prompts. TTFT is modelled from the number of tokens that must be comput
   before is loaded and a fraction of it recomputed, in any order), with a store shared through a
   directory when `--store-dir` is given (as LMCache's fs connector shares between engines).
 
-The constants are rough H100 / Mistral-7B figures (../shared/GPU.md) so the demo looks plausible, but
+The constants are rough H100 / Mistral-7B figures (docs/benchmarks.md) so the demo looks plausible, but
 every number that comes from here is SIMULATED and the app labels it so. Text is deterministic noise.
 """
 
@@ -47,7 +47,7 @@ class CostModel:
     blend_overhead_s: float = 0.08  # LMCache's per-request blending floor
     recompute_ratio: float = 0.15  # share of reused tokens recomputed when blending
     load_s_per_token: float = 2.5e-6  # KV transfer of reused tokens from CPU memory
-    shared_load_s_per_token: float = 12e-6  # from a shared file store (GPU.md: 16K in ~0.2 s)
+    shared_load_s_per_token: float = 12e-6  # from a shared file store (about 16K in 0.2 s)
     decode_tok_s: float = 60.0
     speed: float = 1.0
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The exact commands run on the lent GPU machine (one H100, or two for the 2-GPU results) for the committed results.
-# Prerequisites there (../shared/GPU.md): wheels in /tmp/wstore; .gpu/install_on_device.sh and
+# Prerequisites there (docs/gpu.md): wheels in /tmp/wstore; .gpu/install_on_device.sh and
 # .gpu/mistral7b-dummy (made with scripts/make_dummy_model.py) carried with the working tree.
 # Usage: bash scripts/gpu_run.sh STEP...   STEP = bench | profile | app | share | share-redis | offline |
 #   mask-check | quality | oracle | models | page

@@ -29,12 +29,6 @@ def problems(line: str) -> list[str]:
 
 
 # Files another branch is rewriting at the moment: checked by the xfail test below until they are clean.
-PENDING = {
-    "scripts/gpu_run.sh": "cites ../shared/GPU.md for the machine's prerequisites (docs/gpu.md has them)",
-    "kvdemo/simulate.py": "cites GPU.md for its cost constants",
-    "kvdemo/blend_oracle/__init__.py": "cites an issue number",
-    "tests/test_blend_oracle.py": "names a virtualenv under /work/",
-}
 
 
 def tracked_files() -> list[str]:
@@ -64,15 +58,9 @@ def checked_files() -> list[str]:
 
 
 def test_no_references_outside_the_repository():
-    found = [line for f in checked_files() if f not in PENDING for line in offending_lines(f)]
+    found = [line for f in checked_files() for line in offending_lines(f)]
     assert not found, "references outside the repository (docs/plugin.md and docs/gpu.md are inside):\n" + \
         "\n".join(found)
-
-
-@pytest.mark.parametrize("path", sorted(PENDING))
-@pytest.mark.xfail(reason="being rewritten on another branch; remove it from PENDING once it passes", strict=False)
-def test_pending_files_are_clean_too(path):
-    assert not offending_lines(path), PENDING[path]
 
 
 @pytest.mark.parametrize("line, bad", [
