@@ -13,6 +13,7 @@ fails the test, so a new snippet gets a decision, not silence. What can run on a
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import signal
@@ -21,6 +22,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 from helpers import (
@@ -45,7 +47,8 @@ PRECOMPUTED = re.compile(r"precompute: \d+ requests in")
 @dataclass(frozen=True)
 class Rule:
     pattern: str  # searched in the command (shell) or the block (Python)
-    action: str  # "skip", "dry-run" (python app.py + --dry-run), "ask" (the /ask script against --simulate)
+    action: str  # "skip", "dry-run" (python app.py + --dry-run), "ask" (the /ask script against --simulate),
+    # "prompts" (token-id prompts sent to a simulated LMCache engine)
     why: str
 
     def matches(self, text: str) -> bool:
@@ -65,7 +68,10 @@ SHELL_RULES = (
 PYTHON_RULES = (
     Rule(r"api_name=\"/ask\"", "ask", "the /ask client: run against python app.py --simulate"),
     Rule(r"\bkvdemo\.offline\b", "skip", "vLLM in this process, on a GPU"),
+    Rule(r"\bfrom kvdemo\.prompts import\b", "prompts", "token-id prompts: run against a simulated LMCache engine"),
 )
+ENGINE_URL = re.compile(r"http://(?:127\.0\.0\.1|localhost):\d+/v1/")
+MODEL_TOKENIZER = "load_tokenizer(MODEL)"  # the block's tokenizer: the simulator's bundled one here (no Hub)
 
 
 @dataclass(frozen=True)
@@ -185,6 +191,49 @@ def test_the_ask_block_runs_against_the_simulated_app(snippet, tmp_path):
             pytest.fail(f"the app did not stop on SIGINT; left running: {describe(left)}")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("snippet", by_action("prompts"), ids=str)
+def test_the_prompts_block_blends_on_a_simulated_engine(snippet, tmp_path):
+    """The own-`vllm serve` block: its precompute and blended question run against a simulated LMCache engine
+    with the blend yaml, and the engine's telemetry says the question reused what the block stored."""
+    from kvdemo.config import SIM_TOKENIZER_DIR
+
+    assert MODEL_TOKENIZER in snippet.text, "the block loads its tokenizer as load_tokenizer(MODEL)"
+    (port,) = free_ports(1)
+    telemetry = tmp_path / "telemetry"
+    log = tmp_path / "engine.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "kvdemo.simulate", "--port", str(port), "--mode", "lmcache",
+                                 "--model", "mistralai/Mistral-7B-Instruct-v0.2", "--lmcache-config",
+                                 str(REPO_ROOT / "lmcache_configs" / "blend.yaml")], cwd=REPO_ROOT, stdout=out,
+                                stderr=subprocess.STDOUT, env=app_env(KVDEMO_TELEMETRY_DIR=str(telemetry)))
+    try:
+        wait_until(lambda: proc.poll() is not None or engine_healthy(port), 60, "the simulated engine")
+        assert proc.poll() is None, log.read_text()[-2000:]
+        code = ENGINE_URL.sub(f"http://127.0.0.1:{port}/v1/", snippet.text)
+        code = code.replace(MODEL_TOKENIZER, f"load_tokenizer({str(SIM_TOKENIZER_DIR)!r})")
+        script = tmp_path / "prompts.py"
+        script.write_text(code, encoding="utf-8")
+        r = subprocess.run([sys.executable, str(script)], cwd=REPO_ROOT, capture_output=True, text=True,
+                           env=app_env(PYTHONPATH=str(REPO_ROOT)),  # installed, as requirements.txt's -e . does
+                           timeout=120, check=False)
+        assert r.returncode == 0, f"{snippet} failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+        assert r.stdout.strip(), "the block printed no answer"
+        records = [json.loads(line) for f in telemetry.glob("*.jsonl") for line in f.read_text().splitlines()]
+        blended = [rec for rec in records if rec.get("mode") == "blend" and rec.get("lmcache_hit_tokens", 0) > 1000]
+        assert blended, f"the question reused nothing the block stored: {records}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def engine_healthy(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def test_skipped_commands_say_why():
     for s in by_action("skip"):
         assert s.rule().why, s  # every skip names its reason in SHELL_RULES
@@ -197,5 +246,6 @@ def test_rules_cover_what_they_claim(tmp_path):
     assert Snippet("shell", "KVDEMO_PLUGIN_FIXES=all,-sync python app.py", 1).rule().action == "dry-run"
     assert Snippet("shell", "KVDEMO_LMCACHE_PLUGIN=1 vllm serve M", 1).rule().action == "skip"
     assert Snippet("python", 'client.predict("q", api_name="/ask")', 1).rule().action == "ask"
+    assert Snippet("python", "from kvdemo.prompts import PromptBuilder", 1).rule().action == "prompts"
     assert Snippet("shell", "curl http://127.0.0.1:7860/", 1).rule() is None  # unknown: must get a rule
     assert Path(README).is_file()
