@@ -133,3 +133,20 @@ def ui_answers(url: str) -> bool:
         return httpx.get(url, timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def stop_app(proc: subprocess.Popen, pids: set[int], output: Callable[[], str] = lambda: "") -> None:
+    """Ctrl-C the app and wait until it and every process it started (``pids``) exit; kill and fail otherwise."""
+    import pytest
+
+    if proc.poll() is None:
+        pids |= {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: the app stops its engines
+    try:
+        proc.wait(timeout=60)
+        wait_until(lambda: not alive(pids), 30, "every process of the app to exit")
+    except (AssertionError, subprocess.TimeoutExpired):
+        left = alive(pids)
+        kill_all(left)
+        pytest.fail(f"the app did not stop on SIGINT; left running: {describe(left)}\n{output()[-3000:]}")
+

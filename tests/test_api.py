@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import signal
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import pytest
 from conftest import SIM_MAX_MODEL_LEN, make_runtime
 from gradio_client import Client
 from gradio_client.exceptions import AppError
-from helpers import alive, describe, free_ports, kill_all, start_app, ui_answers, wait_until
+from helpers import free_ports, start_app, stop_app, ui_answers, wait_until
 
 from kvdemo.errors import UserFacingError
 from kvdemo.ui.api import ask
@@ -61,16 +60,7 @@ def app(tmp_path_factory) -> Iterator[App]:
         a.client = Client(a.url, verbose=False, download_files=False, analytics_enabled=False)
         yield a
     finally:
-        if proc.poll() is None:
-            pids |= {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
-            proc.send_signal(signal.SIGINT)  # Ctrl-C: the app stops its engines
-        try:
-            proc.wait(timeout=60)
-            wait_until(lambda: not alive(pids), 30, "every process of the app to exit")
-        except (AssertionError, subprocess.TimeoutExpired):
-            left = alive(pids)
-            kill_all(left)
-            pytest.fail(f"the app did not stop on SIGINT; left running: {describe(left)}\n{a.text()[-3000:]}")
+        stop_app(proc, pids, a.text)
     assert "Traceback" not in a.text(), a.text()[-3000:]
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -27,12 +26,10 @@ import psutil
 import pytest
 from helpers import (
     REPO_ROOT,
-    alive,
     app_env,
-    describe,
     free_ports,
-    kill_all,
     start_app,
+    stop_app,
     ui_answers,
     wait_until,
 )
@@ -179,16 +176,7 @@ def test_the_ask_block_runs_against_the_simulated_app(snippet, tmp_path):
         assert r.returncode == 0, f"{snippet} failed against {url}:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
         assert r.stdout.strip(), "the /ask block printed nothing"
     finally:
-        if proc.poll() is None:
-            pids |= {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
-            proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-            wait_until(lambda: not alive(pids), 30, "every process of the app to exit")
-        except (AssertionError, subprocess.TimeoutExpired):
-            left = alive(pids)
-            kill_all(left)
-            pytest.fail(f"the app did not stop on SIGINT; left running: {describe(left)}")
+        stop_app(proc, pids)
 
 
 @pytest.mark.slow

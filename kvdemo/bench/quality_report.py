@@ -70,6 +70,18 @@ def _diff(boot: qm.Bootstrap, name: str, a: Sequence[float], b: Sequence[float])
     return {name: d["mean"], f"{name}_ci": d["ci"]}
 
 
+PAIRED_METRICS = (("first_token_kl", "first_token_kl_diff"), ("agree_prefix", "mean_agree_prefix_diff"),
+                  ("f1", "f1_diff"))  # (per-prompt metric, name of its paired difference) in comparisons
+
+
+def paired_diffs(boot: qm.Bootstrap, a: Sequence[qm.PromptResult], b: Sequence[qm.PromptResult]) -> dict:
+    """Each of PAIRED_METRICS as a − b over the same prompts, with its bootstrap interval."""
+    out: dict = {}
+    for metric, name in PAIRED_METRICS:
+        out.update(_diff(boot, name, qm.values(a, metric), qm.values(b, metric)))
+    return out
+
+
 def context_summary(ctx: Context, results: dict[str, list[qm.PromptResult]], full: list[AnswerScore],
                     boot: qm.Bootstrap) -> dict:
     """One entry of the JSON's ``contexts``: its bounds, token counts, control and full-prefill answer scores."""
@@ -116,9 +128,7 @@ def mask_comparison(contexts: Sequence[Context], variants: Sequence[Variant],
             a, b = ctx.pick(results[base.key]), ctx.pick(results[fixed.key])
             row = {"context": ctx.label, "recompute_ratio": base.ratio, "fixes": fixed.fixes,
                    "baseline_fixes": base.fixes, "what": "baseline minus fixes, paired over prompts"}
-            for metric, name in (("first_token_kl", "first_token_kl_diff"), ("agree_prefix", "mean_agree_prefix_diff"),
-                                 ("f1", "f1_diff")):
-                row.update(_diff(boot, name, qm.values(a, metric), qm.values(b, metric)))
+            row.update(paired_diffs(boot, a, b))
             rows.append(row)
     return rows
 
@@ -137,9 +147,7 @@ def fix_equivalence(contexts: Sequence[Context], variants: Sequence[Variant],
                    "fixes_default": d.fixes, "speed_fixes_compared": list(speed_fixes), "n_prompts": len(a),
                    "first_token_kl_minimal": statistics.fmean(qm.values(a, "first_token_kl")),
                    "first_token_kl_default": statistics.fmean(qm.values(b, "first_token_kl"))}
-            for metric, name in (("first_token_kl", "first_token_kl_diff"), ("agree_prefix", "mean_agree_prefix_diff"),
-                                 ("f1", "f1_diff")):
-                row.update(_diff(boot, name, qm.values(a, metric), qm.values(b, metric)))
+            row.update(paired_diffs(boot, a, b))
             lo, hi = row["first_token_kl_diff_ci"]
             row.update({"bound_nats": bound_nats, "passed": max(abs(lo), abs(hi)) <= bound_nats})
             rows.append(row)
