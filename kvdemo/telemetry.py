@@ -18,6 +18,11 @@ from pathlib import Path
 from typing import Any
 
 
+def record_mode(raw: dict[str, Any]) -> str:
+    """A record's "blend" or "retrieve" (``mode``; ``path`` in records written before the rename)."""
+    return str(raw.get("mode", raw.get("path", "")))
+
+
 @dataclass(frozen=True)
 class LoadRecord:
     """One request's LMCache load, as the engine recorded it."""
@@ -45,7 +50,7 @@ class LoadRecord:
                    loaded_tokens=int(raw["loaded_tokens"]), kv_bytes_loaded=raw.get("kv_bytes_loaded"),
                    recomputed_tokens=raw.get("recomputed_tokens"), load_gpu_ms=raw.get("load_gpu_ms"),
                    load_host_ms=raw.get("load_host_ms"),
-                   mode=str(raw.get("mode", raw.get("path", ""))),  # "path": records written before the rename
+                   mode=record_mode(raw),
                    simulated=bool(raw.get("simulated", False)))
 
     def summary(self) -> str:

@@ -59,6 +59,7 @@ from ..preflight import choose_gpus, detect_gpus
 from ..revision import source_revision
 from ..runtime import Runtime
 from ..scenarios.blend import PLAIN_LABEL
+from ..telemetry import record_mode
 from ..vllm_plugin import ALL_FIXES, ANSWER_FIXES, REQUIRED_FIXES
 from . import quality_report as report
 from .job import token_counts
@@ -367,7 +368,7 @@ def telemetry_counts(directory: Path | None, tag: str = REQUEST_TAG) -> dict:
             if tag not in str(rec.get("req_id", "")):
                 continue
             out["recorded"] += 1
-            out["blended"] += rec.get("path") == "blend"
+            out["blended"] += record_mode(rec) == "blend"
             if "exact_mask_layers" not in rec:
                 out["without_mask_counts"] += 1
                 continue
