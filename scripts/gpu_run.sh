@@ -17,17 +17,18 @@
 # PAGE_ARGS.
 # oracle: kvdemo.blend_oracle, the torch reference of LMCache's CacheBlend on the quality prompts (same SmolLM2 dir).
 # Result JSONs come back as files; logs and text output are packed into $OUT/logs-<steps>.tar.gz.
-# Steps longer than one device call (10 min) run in the background: start them with
-# `setsid nohup bash DRIVER "$PWD" > LOG 2>&1 < /dev/null &` — a plain `nohup ... &` dies when its call ends —
-# and collect /tmp/runs with later calls (a driver like .gpu/driver4.sh: one `run NAME cmd` per step).
+# Steps longer than one remote command may run: scripts/gpu_background.sh starts them detached (setsid; a plain
+# `nohup ... &` dies with the command that started it), then reports and collects them step by step.
+# SITE (default /tmp/site): where the wheels are installed; a SITE/kvdemo_done marker skips the install.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 started=$(mktemp); TXT=$(mktemp -d)
-if [[ ! -f /tmp/site/kvdemo_done ]]; then
+SITE=${SITE:-/tmp/site}
+if [[ ! -f $SITE/kvdemo_done ]]; then
   bash .gpu/install_on_device.sh "$PWD" > "$TXT/install.txt" 2>&1 || { cat "$TXT/install.txt"; exit 1; }
-  touch /tmp/site/kvdemo_done
+  touch "$SITE/kvdemo_done"
 fi
-export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+export PYTHONPATH=$SITE PATH=$SITE/bin:$PATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 MODEL=.gpu/mistral7b-dummy
 # bench/profile/app/share: CUDA graphs, as users run vLLM (share-graphs-h100.json: four engines with graphs fit
 # one H100); share-redis/offline were measured with --enforce-eager. ENGINE_ARGS overrides both.
@@ -142,7 +143,7 @@ for step in "$@"; do
       # vLLM's Apache-2.0 LICENSE uploaded as the user's document (.txt); prints the panes' stats lines
       # (🔎 = LMCache telemetry).
       smollm2_dir
-      cp "$(ls /tmp/site/vllm-*.dist-info/licenses/LICENSE | head -1)" /tmp/apache-license.txt
+      cp "$(ls $SITE/vllm-*.dist-info/licenses/LICENSE | head -1)" /tmp/apache-license.txt
       timeout ${PAGE_TIMEOUT:-300} python scripts/page_check.py --model "$SMOL" --max-model-len 8192 \
         --engine-args "--enforce-eager" --log-dir "$logs" --upload /tmp/apache-license.txt ${PAGE_ARGS:-} 2>&1 \
         | tee "$TXT/page.txt" \

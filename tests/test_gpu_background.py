@@ -1,0 +1,41 @@
+"""scripts/gpu_background.sh: gpu_run.sh steps run detached, reported and collected step by step.
+
+Driven here against simulated engines (the bench step with --simulate) so the script's own plumbing is what is
+tested: the detached start, per-step environment, STATUS lines, and one archive per finished step."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tarfile
+
+import pytest
+from helpers import REPO_ROOT, free_ports, wait_until
+
+SCRIPT = REPO_ROOT / "scripts" / "gpu_background.sh"
+
+
+@pytest.mark.slow
+def test_a_step_runs_detached_and_is_collected(tmp_path):
+    runs, site, sim = tmp_path / "runs", tmp_path / "site", tmp_path / "sim"
+    site.mkdir()
+    lm_port, plain_port = free_ports(2)
+    (site / "kvdemo_done").touch()  # wheels "installed": gpu_run.sh skips its install
+    env = {**os.environ, "RUNS": str(runs), "SITE": str(site),
+           "STEP_ENV_before": f"BENCH_ARGS='--simulate --out {sim} --contexts 4000 --repeats 2 --decode-tokens 8 "
+                              f"--skip-app-question --name before --engine-ports {lm_port},{plain_port}'"}
+    env.pop("PYTHONPATH", None)
+
+    def run(*args: str) -> str:
+        return subprocess.run(["bash", str(SCRIPT), *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                              timeout=60, check=True).stdout
+
+    assert "started before=bench" in run("start", "before=bench")
+    wait_until(lambda: "DONE" in run("status"), 180, "the detached bench step")
+    assert "end before rc=0" in run("status"), (runs / "before" / "out.txt").read_text()[-3000:]
+    assert "before.tgz" in run("collect", str(tmp_path / "got"))
+    with tarfile.open(tmp_path / "got" / "before.tgz") as t:
+        out = t.extractfile("before/out.txt").read().decode()
+    assert "kvdemo.bench: wrote" in out and "kvdemo.bench.spread: every blended repeat" in out
+    assert (sim / "before-simulated.json").is_file()
+    assert "before.tgz" not in run("collect", str(tmp_path / "again"))  # each finished step is sent once
