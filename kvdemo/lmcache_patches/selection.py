@@ -247,8 +247,10 @@ def patch_process_qkv(module: ModuleType) -> None:
                                     attn_metadata)
         return process_qkv
 
+    policy = active_policy()
     wrap_method(module, "LMCBlender.process_qkv", "selection", make,
-                f"picks the recomputed tokens by {ENV_POLICY} when set")
+                f"picks the recomputed tokens by {ENV_POLICY}: " +
+                (f"{policy} here" if policy else "unset here, LMCache's selection"))
 
 
 def check_layer_step(self: Any, torch: Any, policy: Policy, spans: list[Span], q: Any, k: Any, v: Any,
