@@ -17,13 +17,15 @@ Environment:
     switch the plugin on (otherwise :func:`register` returns at once).
 ``KVDEMO_PLUGIN_FIXES``
     comma list of fixes, default ``all`` =
-    ``register,mistral,split,short,mask,rope,sync,kernels,tokens,lookup,pipeline,quiet,telemetry``. ``-name``
-    removes one (``all,-sync``), ``none`` applies nothing. ``register``/``mistral``/``split`` are needed for
-    blending to work at all; ``short`` stores prompts shorter than one LMCache chunk (an upload's last chunk
-    was never stored without it); ``mask`` gives recomputed tokens the causal mask of their true positions
-    (it changes answers, on purpose: see kvdemo.blend_mask); the others are speed fixes a benchmark can
-    switch off (``pipeline`` acts on the KV-sharing scenario's loads from the shared store,
-    the rest on blending; ``telemetry`` writes the per-request records below).
+    ``register,mistral,split,short,mask,rope,sync,kernels,tokens,lookup,pipeline,selection,quiet,telemetry``;
+    ``-name`` removes one (``all,-sync``), ``none`` applies nothing. ``register``/``mistral``/``split`` are
+    needed for blending to work at all; ``short`` stores prompts shorter than one LMCache chunk (an upload's
+    last chunk was never stored without it); ``mask`` gives recomputed tokens the causal mask of their true
+    positions (it changes answers, on purpose: see kvdemo.blend_mask); the others are speed fixes a benchmark
+    can switch off (``pipeline`` acts on the KV-sharing scenario's loads from the shared store,
+    the rest on blending; ``telemetry`` writes the per-request records below). ``selection`` picks the
+    recomputed tokens by the policy ``KVDEMO_RECOMPUTE_POLICY`` names (kvdemo.lmcache_patches.selection:
+    ``epic:K``, ``first:K``, ``per_chunk``); unset, it changes nothing.
 ``KVDEMO_TELEMETRY_DIR=DIR``
     one JSON line per request LMCache loads for (kvdemo.lmcache_patches.telemetry): what the app shows
     under each answer.
@@ -53,6 +55,7 @@ from kvdemo.lmcache_patches import (
     profile,
     quiet,
     rope,
+    selection,
     short_save,
     split,
     telemetry,
@@ -82,6 +85,7 @@ FIXES: dict[str, tuple[tuple[str, Patch], ...]] = {
     "tokens": tokens.PATCHES,
     "lookup": lookup.PATCHES,
     "pipeline": pipeline.PATCHES,
+    "selection": selection.PATCHES,  # after "sync": it wraps the connector method sync replaces
     "quiet": (),
     "telemetry": (),
 }

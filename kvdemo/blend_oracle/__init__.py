@@ -1,7 +1,7 @@
 """An independent, exact reference of LMCache 0.5.3's CacheBlend in plain torch, on the quality harness's prompts.
 
     python -m kvdemo.blend_oracle --model DIR [--device cpu|cuda] [--dtype float32|bfloat16] [--prompts N]
-        [--ratios 0,0.02,0.15,0.3,0.5,1.0] [--variants exact,bottom_right,gaps,oracle] --out FILE.json
+        [--ratios 0,0.02,0.15,0.3,0.5,1.0] [--variants exact,bottom_right,gaps,oracle,...] --out FILE.json
 
 WHY: to tell whether blended answers that drift from the full prefill are what CacheBlend itself computes or
 something else the engine computes. This package computes the algorithm layer by layer with the HF model's own
@@ -9,15 +9,34 @@ modules (no vLLM, no LMCache, no FlashAttention), on the same token ids, and sco
 metrics (kvdemo.quality), so its numbers can be laid next to the engine's.
 
 Variants computed here (per ratio; all share the prompt's full prefill, stored KV and the layers before the
-check layer):
+check layer). The defaults:
 
 * ``exact``: LMCache's selection and zero gaps, the exact causal mask (the engine with all kvdemo fixes);
 * ``bottom_right``: the same with LMCache's own bottom-right mask (the engine with ``all,-mask``);
-* ``gaps``: ``exact`` + the gap (SEP) tokens always recomputed and never zero (layer 0 included): what a
-  blender that keeps the separators' KV would give; isolates LMCache's gap zeroing;
+* ``gaps``: separators kept, by recomputing them: ``exact`` + the gap (SEP) tokens always recomputed and never
+  zero (layer 0 included), on top of the budget; isolates LMCache's gap zeroing;
 * ``oracle``: ``exact`` infrastructure, but the recomputed tokens are the ones whose loaded KV deviates most
   from the full prefill's (K and V, summed over layers, each layer normalised by its mean squared KV norm):
   the best this recompute budget can do with a better selection rule.
+
+Recompute policies to measure against ``exact`` (``--variants``; variants.py says what each changes,
+docs/recompute-policies.md how to read them):
+
+* ``sep_stored``: separators kept at no cost: each gap loaded with the KV the following chunk's stored request
+  computed for it (``[BOS]+SEP+chunk``), not zeroed; LMCache's selection;
+* ``epic<K>`` (``epic8``, ``epic16``, ``epic32``): the first K tokens of every chunk, then the K-deviation top
+  ``budget - |first|`` of the rest (kvdemo.lmcache_patches.selection, the plugin's ``epic:K``); at ratio 0
+  (budget 0) the first K tokens alone;
+* ``per_chunk``: the budget split over the chunks by length, K-deviation top-k within each (``per_chunk``);
+* ``check<L>``: LMCache's rule with the K deviation measured at layer L (layers before it computed for every
+  token, their KV left as loaded, as LMCache does at its check layer);
+* ``question``, ``question_dev``: the attention the trailing SEP + question pay each token at the check layer
+  (core.question_attention: the question through the layers up to the check layer only), alone or times
+  the K deviation; an oracle-only score (the engine's blend does not see the question).
+
+Each row reports its cost: tokens recomputed from the check layer on (``mean_recomputed_tokens``, per prompt
+in ``prompts[i].recomputed_tokens``), and the token-layers computed over a full prefill's
+(``mean_recompute_layer_fraction``: all tokens in the layers before the check layer).
 
 Ratio 0 is not an LMCache setting (0.5.3 would pick one token): here it means no token is recomputed from the
 check layer on. At ratio 1.0 every variant selects all ``T`` tokens (masks coincide), so only ``exact`` and
@@ -54,6 +73,8 @@ from .core import (
     check_state,
     oracle_score,
     query_limits,
+    question_attention,
+    recompute_layer_fraction,
     select_top,
     topk_count,
 )
@@ -73,13 +94,13 @@ from .settings import (
     TOP_K,
     VARIANTS,
 )
-from .variants import Variant, plan_variants
+from .variants import KINDS, Variant, describe, plan_variants
 
 __all__ = [
-    "ANSWER_TOKENS", "APPENDED", "BLEND_CONFIG", "DEFAULT_RATIOS", "MAX_MODEL_LEN", "QUALITY_CONTEXT",
+    "ANSWER_TOKENS", "APPENDED", "BLEND_CONFIG", "DEFAULT_RATIOS", "KINDS", "MAX_MODEL_LEN", "QUALITY_CONTEXT",
     "QUESTIONS_FILE", "TOP_K", "VARIANTS", "BlendPrompt", "CheckState", "KVCache", "Loaded", "ManualLlama",
     "PromptOutcome", "Segment", "StoredKV", "Variant", "answer_rows", "blend", "blend_layout", "build_parser",
-    "check_layers", "check_state", "device_name", "engine_numbers", "harness_prompts", "hf_consistency",
+    "check_layers", "check_state", "describe", "device_name", "engine_numbers", "harness_prompts", "hf_consistency",
     "load_model", "main", "oracle_score", "paired_differences", "per_prompt", "plan_variants", "print_table", "query_limits",
-    "run", "run_prompt", "select_top", "summarize", "top_logprobs", "topk_count", "versions",
+    "question_attention", "recompute_layer_fraction", "run", "run_prompt", "select_top", "summarize", "top_logprobs", "topk_count", "versions",
 ]

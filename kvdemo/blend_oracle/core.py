@@ -67,21 +67,33 @@ class StoredKV:
             self._done[stored] = ([k[0] for k in cache.k], [v[0] for v in cache.v])
         return self._done[stored]
 
-    def load(self, prompt: BlendPrompt) -> Loaded:
-        """LMCache's batched_to_gpu: segment KV at new positions (rotation by ``new - old``), gap rows zero."""
+    def load(self, prompt: BlendPrompt, gaps: str = "zero") -> Loaded:
+        """LMCache's batched_to_gpu: segment KV at new positions (rotation by ``new - old``), gap rows zero.
+
+        ``gaps="stored"``: each gap (the separator before a segment) gets the KV its segment's stored request
+        computed for the same ids right before the segment (``[BOS]+SEP+chunk``), moved like the segment.
+        """
         import torch
 
+        if gaps not in ("zero", "stored"):
+            raise ValueError(f"unknown gaps {gaps!r}")
         llama = self.llama
         shape = (prompt.blend_len, llama.n_kv, llama.head_dim)
         ks = [torch.zeros(shape, dtype=llama.dtype, device=llama.device) for _ in llama.layers]
         vs = [torch.zeros(shape, dtype=llama.dtype, device=llama.device) for _ in llama.layers]
+        end = 0
         for seg in prompt.segments:
             k_all, v_all = self.request(seg.stored)
-            delta = llama.positions(seg.start - seg.offset, seg.start - seg.offset + 1).expand(seg.length)
+            before = seg.start - end if gaps == "stored" else 0  # the gap rows this segment's request fills
+            copy = seg.stored[seg.offset - before:seg.offset] if before <= seg.offset else ()
+            if copy != prompt.ids[seg.start - before:seg.start]:
+                raise ValueError(f"segment at {seg.start}: its stored request holds no copy of the gap before it")
+            first, src, n = seg.start - before, seg.offset - before, seg.length + before
+            delta = llama.positions(seg.start - seg.offset, seg.start - seg.offset + 1).expand(n)
             for i in range(len(llama.layers)):
-                ks[i][seg.start:seg.start + seg.length] = llama.rope(k_all[i][seg.offset:seg.offset + seg.length],
-                                                                     delta)
-                vs[i][seg.start:seg.start + seg.length] = v_all[i][seg.offset:seg.offset + seg.length]
+                ks[i][first:first + n] = llama.rope(k_all[i][src:src + n], delta)
+                vs[i][first:first + n] = v_all[i][src:src + n]
+            end = seg.start + seg.length
         return Loaded(ks, vs)
 
 
@@ -185,3 +197,38 @@ def oracle_score(loaded: Loaded, full: KVCache, n_tokens: int):
         norm = (fk ** 2 + fv ** 2).flatten(1).sum(dim=1).mean().clamp_min(1e-12)
         total += dev / norm
     return total
+
+
+def question_attention(llama: ManualLlama, state: CheckState, tail, check_layer: int):
+    """Per blended token: the attention the tokens after the blend (``tail [1, m]``: SEP + question) pay it at
+    the check layer, summed over their query heads and tokens.
+
+    The tail runs through the layers before the check layer over the blend's fresh KV of those layers (what
+    LMCache computes there for all tokens), then meets the check layer's fresh K; no full prefill.
+    """
+    import torch
+
+    t, m = state.h.shape[1], tail.shape[1]
+    pos = llama.positions(t, t + m)
+    allowed = torch.arange(t + m, device=llama.device)[None, :] <= pos[:, None]
+    h = llama.embed(tail)
+    for i in range(check_layer):
+        layer = llama.layers[i]
+        q, k, v = llama.qkv(layer, h, pos)
+        keys = torch.cat([state.fresh_k[i][None], k], dim=1)
+        values = torch.cat([state.fresh_v[i][None], v], dim=1)
+        h = llama.finish(layer, h, llama.attend(layer, q, keys, values, allowed))
+    layer = llama.layers[check_layer]
+    q, k, _ = llama.qkv(layer, h, pos)
+    keys = torch.cat([state.k, k], dim=1).repeat_interleave(llama.n_heads // llama.n_kv, dim=2)
+    logits = torch.einsum("bqhd,bkhd->bhqk", q.float(), keys.float()) * layer.self_attn.scaling
+    probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+    return probs[0, :, :, :t].sum(dim=(0, 1))
+
+
+def recompute_layer_fraction(n_tokens: int, n_selected: int, check_layer: int, n_layers: int) -> float:
+    """Token-layers the blend computes over a full prefill's of the blended tokens (attention's length aside):
+    every token in the layers before the check layer, the selected ones from it on."""
+    if n_tokens <= 0:
+        return 0.0
+    return (n_tokens * check_layer + n_selected * (n_layers - check_layer)) / (n_tokens * n_layers)

@@ -8,7 +8,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import quality as qm
-from .core import StoredKV, blend, check_state, oracle_score, select_top, topk_count
+from ..lmcache_patches.selection import parse_policy, select_tensor
+from .core import (
+    StoredKV,
+    blend,
+    check_state,
+    oracle_score,
+    question_attention,
+    recompute_layer_fraction,
+    select_top,
+    topk_count,
+)
 from .layout import BlendPrompt
 from .llama import ManualLlama
 from .settings import TOP_K
@@ -57,42 +67,79 @@ class PromptOutcome:
     tokens: int
     blend_len: int
     results: dict[str, qm.PromptResult]
-    selected: dict[str, int] = field(default_factory=dict)
+    selected: dict[str, int] = field(default_factory=dict)  # tokens recomputed from the check layer on
+    layer_fraction: dict[str, float] = field(default_factory=dict)  # core.recompute_layer_fraction
     gaps_selected: dict[str, float] = field(default_factory=dict)
-    oracle_overlap: dict[str, float] = field(default_factory=dict)  # |lmcache ∩ oracle| / k
+    oracle_overlap: dict[str, float] = field(default_factory=dict)  # |selected ∩ LMCache's| / |selected|
     self_check: dict[str, float] = field(default_factory=dict)
 
 
 def run_prompt(llama: ManualLlama, stored: StoredKV, prompt: BlendPrompt, variants: Sequence[Variant],
                check_layer: int, answer_tokens: int, rows_per_batch: int = 8) -> PromptOutcome:
-    """Full prefill, shared check-layer state, every variant's blend, answers decoded in batches of rows."""
+    """Full prefill, shared check-layer states, every variant's blend, answers decoded in batches of rows.
+
+    ``check_layer``: the yaml's, for variants that name none; the LMCache selection at that layer (zero gaps,
+    same ratio) is what ``oracle_overlap`` compares the other selections with.
+    """
     import torch
 
     ids = torch.tensor([prompt.ids], device=llama.device)
     t = prompt.blend_len
+    n_layers = len(llama.layers)
     full = llama.new_cache(1, len(prompt.ids))
     full_logits = llama.forward(ids, full)[0]
-    loaded = stored.load(prompt)
-    state = check_state(llama, ids[:, :t], loaded, check_layer)
+    loads: dict[str, Any] = {}
+    states: dict[tuple[str, int], Any] = {}
+
+    def loaded(gaps: str):
+        if gaps not in loads:
+            loads[gaps] = stored.load(prompt, gaps)
+        return loads[gaps]
+
+    def state(gaps: str, check: int):
+        if not 0 <= check < n_layers:
+            raise ValueError(f"check layer {check} outside the model's {n_layers} layers")
+        if (gaps, check) not in states:
+            states[gaps, check] = check_state(llama, ids[:, :t], loaded(gaps), check)
+        return states[gaps, check]
+
     gaps = torch.tensor(prompt.gaps, dtype=torch.long, device=llama.device)
-    oracle = oracle_score(loaded, full, t) if any(v.selection == "oracle" for v in variants) else None
+    spans = [(seg.start, seg.start + seg.length) for seg in prompt.segments]
+    oracle = oracle_score(loaded("zero"), full, t) if any(v.selection == "oracle" for v in variants) else None
+    questions: dict[int, Any] = {}
     out = PromptOutcome(prompt.label, len(prompt.ids), t, {})
 
     def reference() -> tuple[list[Any], list[Any]]:
         return [k[0, :t] for k in full.k], [v[0, :t] for v in full.v]
 
-    def blended(var: Variant) -> Callable[[], tuple[list[Any], list[Any]]]:
-        count = topk_count(t, var.ratio)
-        sel = select_top(oracle if var.selection == "oracle" else state.k_deviation, count)
+    def selection(var: Variant, st, check: int, count: int):
+        if var.selection == "lmcache":
+            return select_top(st.k_deviation, count)
         if var.selection == "oracle":
-            ours = select_top(state.k_deviation, count)
-            out.oracle_overlap[var.key] = float(torch.isin(sel, ours).float().mean()) if count else 1.0
+            return select_top(oracle, count)
+        if var.selection in ("question", "question_dev"):
+            if check not in questions:
+                questions[check] = question_attention(llama, st, ids[:, t:], check)
+            score = questions[check] * (st.k_deviation if var.selection == "question_dev" else 1.0)
+            return select_top(score, count)
+        return select_tensor(parse_policy(var.selection), spans, st.k_deviation, count)
+
+    def blended(var: Variant) -> Callable[[], tuple[list[Any], list[Any]]]:
+        check = check_layer if var.check is None else var.check
+        load = "zero" if var.gaps == "fresh" else var.gaps  # fresh gaps: LMCache's load, then recomputed
+        kv, st = loaded(load), state(load, check)
+        count = topk_count(t, var.ratio)
+        sel = selection(var, st, check, count)
+        if (var.selection, load, check) != ("lmcache", "zero", check_layer) and count:
+            ours = select_top(state("zero", check_layer).k_deviation, count)
+            out.oracle_overlap[var.key] = float(torch.isin(sel, ours).float().mean()) if sel.numel() else 1.0
         out.gaps_selected[var.key] = float(torch.isin(gaps, sel).float().mean()) if gaps.numel() else 0.0
         if var.gaps == "fresh":
             sel = torch.unique(torch.cat([sel, gaps]))  # sorted
         out.selected[var.key] = int(sel.numel())
-        return lambda: blend(llama, loaded, state, sel, var.mask, check_layer,
-                             fresh_gaps=gaps if var.gaps == "fresh" else None)
+        out.layer_fraction[var.key] = recompute_layer_fraction(t, int(sel.numel()), check, n_layers)
+        fresh = gaps if var.gaps == "fresh" else None
+        return lambda: blend(llama, kv, st, sel, var.mask, check, fresh_gaps=fresh)
 
     makers = [reference] + [blended(v) for v in variants]
     answers: list[qm.Scored] = []

@@ -15,14 +15,20 @@ from .variants import Variant
 
 def summarize(outcomes: Sequence[PromptOutcome], variants: Sequence[Variant],
               boot: qm.Bootstrap | None = None) -> list[dict]:
-    """Per variant: kvdemo.quality.summarize over prompts, plus the selection statistics."""
+    """Per variant: kvdemo.quality.summarize over prompts, plus the selection statistics and its cost: tokens
+    recomputed from the check layer on (count, fraction of the blended tokens) and the token-layers computed
+    over a full prefill's (core.recompute_layer_fraction)."""
     import statistics
 
     rows = []
     for v in variants:
         row = {"variant": v.key, "recompute_ratio": v.ratio, "mask": v.mask, "selection": v.selection,
-               "gaps": v.gaps, **qm.summarize([o.results[v.key] for o in outcomes], boot),
+               "gaps": v.gaps, "check_layer": v.check,
+               **qm.summarize([o.results[v.key] for o in outcomes], boot),
                "mean_recomputed_tokens": statistics.fmean(o.selected[v.key] for o in outcomes),
+               "mean_recomputed_fraction": statistics.fmean(o.selected[v.key] / o.blend_len
+                                                            for o in outcomes),
+               "mean_recompute_layer_fraction": statistics.fmean(o.layer_fraction[v.key] for o in outcomes),
                "gaps_in_selection": statistics.fmean(o.gaps_selected[v.key] for o in outcomes)}
         overlaps = [o.oracle_overlap[v.key] for o in outcomes if v.key in o.oracle_overlap]
         if overlaps:
@@ -39,7 +45,8 @@ def per_prompt(outcomes: Sequence[PromptOutcome], variants: Sequence[Variant]) -
 def paired_differences(prompt_rows: Sequence[dict], variants: Sequence[Variant],
                        boot: qm.Bootstrap | None = None) -> list[dict]:
     """Per variant: its first-token KL and identical prefix minus ``exact``'s at the same ratio, paired over
-    prompts (mean and bootstrap interval)."""
+    prompts (mean and bootstrap interval), and the mean difference in recomputed tokens where rows carry
+    them."""
     boot = boot or qm.Bootstrap()
     out = []
     for v in variants:
@@ -54,6 +61,9 @@ def paired_differences(prompt_rows: Sequence[dict], variants: Sequence[Variant],
             if all(metric in row for row in rows):
                 d = boot.diff([row[metric][v.key] for row in rows], [row[metric][base] for row in rows])
                 entry.update({name: d["mean"], f"{name}_ci": d["ci"]})
+        if all("recomputed_tokens" in row for row in rows):
+            entry["mean_recomputed_tokens_diff"] = sum(
+                row["recomputed_tokens"][v.key] - row["recomputed_tokens"][base] for row in rows) / len(rows)
         out.append(entry)
     return out
 
@@ -85,4 +95,7 @@ def print_table(result: dict, log: Callable[[str], None] = print) -> None:
             f"{r['mean_agree_prefix']:.1f}/{result['answer_tokens']}  recomputed {r['mean_recomputed_tokens']:.0f}")
     for d in result.get("paired_vs_exact", []):
         lo, hi = d["first_token_kl_diff_ci"]
-        log(f"  {d['variant']:<18} minus {d['minus']}: KL {d['first_token_kl_diff']:+.4f} [{lo:+.4f}, {hi:+.4f}]")
+        cost = d.get("mean_recomputed_tokens_diff")
+        extra = f"  recomputed {cost:+.0f}" if cost is not None else ""
+        log(f"  {d['variant']:<18} minus {d['minus']}: KL {d['first_token_kl_diff']:+.4f} [{lo:+.4f}, "
+            f"{hi:+.4f}]{extra}")

@@ -17,7 +17,7 @@ from .layout import BlendPrompt, harness_prompts
 from .llama import ManualLlama
 from .metrics import engine_numbers, paired_differences, per_prompt, print_table, summarize
 from .settings import TOP_K
-from .variants import plan_variants
+from .variants import describe, plan_variants
 
 
 def load_model(model_dir: str, device: str, dtype: str):
@@ -74,7 +74,8 @@ def run(a: argparse.Namespace, argv_text: str, log: Callable[[str], None] = prin
     torch.set_grad_enabled(False)
     t0 = time.monotonic()
     ratios = [float(x) for x in a.ratios.split(",")]
-    variants = plan_variants(ratios, [k.strip() for k in a.variants.split(",") if k.strip()])
+    kinds = [k.strip() for k in a.variants.split(",") if k.strip()]
+    variants = plan_variants(ratios, kinds)
     check = check_layers(Path(a.lmcache_config))
     model, tokenizer = load_model(a.model, a.device, a.dtype)
     llama = ManualLlama(model)
@@ -91,7 +92,8 @@ def run(a: argparse.Namespace, argv_text: str, log: Callable[[str], None] = prin
     prompt_rows = [{"prompt": o.label, "tokens": o.tokens, "blend_tokens": o.blend_len,
                     "first_token_kl": {k: r.first_token_kl for k, r in o.results.items()},
                     "first_token_kl_partial_topk": {k: r.first_token_kl_partial_topk for k, r in o.results.items()},
-                    "agree_prefix": {k: r.agree_prefix for k, r in o.results.items()}} for o in outcomes]
+                    "agree_prefix": {k: r.agree_prefix for k, r in o.results.items()},
+                    "recomputed_tokens": dict(o.selected)} for o in outcomes]
     boot = qm.Bootstrap(draws=a.bootstrap_draws, seed=a.bootstrap_seed)
     result = {
         "what": "exact torch reference of LMCache 0.5.3 CacheBlend vs full prefill (kvdemo.blend_oracle)",
@@ -99,7 +101,8 @@ def run(a: argparse.Namespace, argv_text: str, log: Callable[[str], None] = prin
         "model": a.model,
         "weights": "real (the model dir's own weights; SmolLM2-135M-Instruct for the committed runs)",
         "command": "python -m kvdemo.blend_oracle " + argv_text, "n_prompts": len(prompts),
-        "check_layer": check, "answer_tokens": a.answer_tokens, "answers_stop_at_eos": False, "top_k": TOP_K,
+        "check_layer": check, "variant_kinds": {k: describe(k) for k in kinds},
+        "answer_tokens": a.answer_tokens, "answers_stop_at_eos": False, "top_k": TOP_K,
         "bootstrap": boot.as_json(),
         "context_tokens": {"min": min(o.tokens for o in outcomes), "max": max(o.tokens for o in outcomes)},
         "self_check": {
