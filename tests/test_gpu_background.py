@@ -22,7 +22,7 @@ def test_a_step_runs_detached_and_is_collected(tmp_path):
     lm_port, plain_port = free_ports(2)
     (site / "kvdemo_done").touch()  # wheels "installed": gpu_run.sh skips its install
     env = {**os.environ, "RUNS": str(runs), "SITE": str(site),
-           "STEP_ENV_before": f"BENCH_ARGS='--simulate --out {sim} --contexts 4000 --repeats 2 --decode-tokens 8 "
+           "STEP_ENV_before": f"BENCH_ARGS='--simulate --model mistralai/Mistral-7B-Instruct-v0.2 --out {sim} --contexts 4000 --repeats 2 --decode-tokens 8 "
                               f"--skip-app-question --name before --engine-ports {lm_port},{plain_port}'"}
     env.pop("PYTHONPATH", None)
 
