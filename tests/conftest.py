@@ -96,3 +96,42 @@ def make_runtime(builder, *flags: str, handles: dict[str, EngineHandle] | None =
         runtime.engines = [EngineHandle(dataclasses.replace(h.spec, label=label), h.process, h.model_name)
                            for h, label in zip(handles.values(), LABELS)]
     return runtime
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiny random Llamas for the CacheBlend oracle's tests (torch and transformers only where installed)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """(torch, a 4-layer random LlamaForCausalLM, its kvdemo.blend_oracle.ManualLlama); skipped without torch."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from kvdemo import blend_oracle
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    torch.set_grad_enabled(False)
+    return torch, model, blend_oracle.ManualLlama(model)
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A random 3-layer Llama model directory with the simulator's tokenizer (the oracle's whole-run tests)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(SIM_TOKENIZER_DIR))
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
+                                   max_position_embeddings=8192, bos_token_id=tokenizer.bos_token_id,
+                                   eos_token_id=tokenizer.eos_token_id)
+    model_dir = tmp_path / "tiny"
+    transformers.LlamaForCausalLM(cfg).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return model_dir
+

@@ -62,21 +62,8 @@ def test_harness_settings_are_kvdemo_qualitys():
 
 
 # --------------------------------------------------------------------------------------------------
-# A tiny random Llama
+# On a tiny random Llama (fixtures `tiny`, `tiny_model_dir`: conftest.py)
 # --------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    torch.set_grad_enabled(False)
-    return torch, model, bo.ManualLlama(model)
 
 
 def _prompt(n_chunks: int = 2, sys_len: int = 9, seed: int = 0) -> bo.BlendPrompt:
@@ -227,21 +214,9 @@ def test_answers_run_past_the_end_of_sequence_token(tiny):
     assert [len(r.tokens) for r in rows] == [40, 40] and rows[0].tokens == rows[1].tokens
 
 
-def test_run_writes_per_prompt_values_intervals_and_the_commit(tmp_path):
+def test_run_writes_per_prompt_values_intervals_and_the_commit(tmp_path, tiny_model_dir):
     """The whole run on a tiny random Llama with the simulator's tokenizer: the harness's first prompt."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    from kvdemo.config import SIM_TOKENIZER_DIR
-
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(SIM_TOKENIZER_DIR))
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
-                                   max_position_embeddings=8192, bos_token_id=tokenizer.bos_token_id,
-                                   eos_token_id=tokenizer.eos_token_id)
-    model_dir = tmp_path / "tiny"
-    transformers.LlamaForCausalLM(cfg).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    model_dir = tiny_model_dir
     out = tmp_path / "oracle.json"
     result = bo.run(bo.build_parser().parse_args(["--model", str(model_dir), "--prompts", "1", "--ratios", "0.15,1.0",
                                                   "--variants", "exact,bottom_right", "--answer-tokens", "4",

@@ -63,21 +63,8 @@ def test_recompute_layer_fraction():
 
 
 # --------------------------------------------------------------------------------------------------
-# A tiny random Llama
+# On a tiny random Llama (fixtures `tiny`, `tiny_model_dir`: conftest.py)
 # --------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    torch.set_grad_enabled(False)
-    return torch, model, bo.ManualLlama(model)
 
 
 def _full(torch, llama, prompt):
@@ -185,20 +172,8 @@ def test_policies_on_the_models_deviation(tiny):
             assert len(picked) == budget and min(picked) >= p.segments[0].length
 
 
-def test_run_writes_costs_kinds_and_paired_cost(tmp_path):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    from kvdemo.config import SIM_TOKENIZER_DIR
-
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(SIM_TOKENIZER_DIR))
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
-                                   max_position_embeddings=8192, bos_token_id=tokenizer.bos_token_id,
-                                   eos_token_id=tokenizer.eos_token_id)
-    model_dir = tmp_path / "tiny"
-    transformers.LlamaForCausalLM(cfg).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+def test_run_writes_costs_kinds_and_paired_cost(tmp_path, tiny_model_dir):
+    model_dir = tiny_model_dir
     result = bo.run(bo.build_parser().parse_args(
         ["--model", str(model_dir), "--prompts", "1", "--ratios", "0,0.15", "--variants", "exact,epic8,per_chunk",
          "--answer-tokens", "2", "--bootstrap-draws", "50", "--no-hf-check", "--out", str(tmp_path / "o.json")]),
