@@ -237,3 +237,14 @@ def test_rules_cover_what_they_claim(tmp_path):
     assert Snippet("python", "from kvdemo.prompts import PromptBuilder", 1).rule().action == "prompts"
     assert Snippet("shell", "curl http://127.0.0.1:7860/", 1).rule() is None  # unknown: must get a rule
     assert Path(README).is_file()
+
+
+def test_relative_links_of_readme_and_docs_exist():
+    """README and docs/ link results and each other by relative path: every such link names a file that exists."""
+    link = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+    broken = []
+    for page in [README, *sorted((REPO_ROOT / "docs").glob("*.md"))]:
+        for target in link.findall(page.read_text(encoding="utf-8")):
+            if "://" not in target and not (page.parent / target).exists():
+                broken.append(f"{page.relative_to(REPO_ROOT)}: {target}")
+    assert not broken, "links to missing files:\n" + "\n".join(broken)
