@@ -542,6 +542,10 @@ def test_the_put_logs_what_the_step_paid_and_the_copy_rate(monkeypatch: pytest.M
         w.drained()
     line = next(m for m in caplog.messages if "kvdemo async_save: [req_id=cmpl-x-0]" in m)
     assert "stored 8 of 8 tokens (0.002 GB): the step paid" in line and "2.0 ms (1.0 GB/s)" in line
+    from kvdemo.bench.share_cases import store_figures  # the share bench reads this line from A's log
+
+    figures = store_figures([line], "x")
+    assert figures is not None and figures["mode"] == "async" and figures["copy_ms"] == 2.0
 
 
 def test_handle_preemptions_waits_for_the_copies_of_freed_requests(monkeypatch: pytest.MonkeyPatch) -> None:
