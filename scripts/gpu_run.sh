@@ -143,12 +143,13 @@ for step in "$@"; do
         echo "share-redis: REDIS_SCHEME must be resp or redis, not $REDIS_SCHEME"; rc=1; continue
       fi
       share_variant || { rc=1; continue; }
-      redis_flags=""
-      if [[ -n ${REDIS_IO_THREADS:-} ]]; then redis_flags+=" --io-threads $REDIS_IO_THREADS"; SHARE_SUFFIX="-io$REDIS_IO_THREADS$SHARE_SUFFIX"; fi
+      redis_flags=""; redis_suffix=""
+      if [[ -n ${REDIS_IO_THREADS:-} ]]; then redis_flags+=" --io-threads $REDIS_IO_THREADS"; redis_suffix+="-io$REDIS_IO_THREADS"; fi
       if [[ -n ${REDIS_IO_THREADS_DO_READS:-} ]]; then
         redis_flags+=" --io-threads-do-reads $REDIS_IO_THREADS_DO_READS"
-        if [[ $REDIS_IO_THREADS_DO_READS == yes ]]; then SHARE_SUFFIX="-reads$SHARE_SUFFIX"; fi
+        if [[ $REDIS_IO_THREADS_DO_READS == yes ]]; then redis_suffix+="-reads"; fi
       fi
+      SHARE_SUFFIX="$redis_suffix$SHARE_SUFFIX"
       for deb in .gpu/redis/*.deb; do dpkg -x "$deb" /tmp/redis-root; done
       LD_LIBRARY_PATH=/tmp/redis-root/usr/lib/x86_64-linux-gnu /tmp/redis-root/usr/bin/redis-server \
         --port 6390 --bind 127.0.0.1 --save "" --appendonly no --daemonize yes --dir /tmp $redis_flags
