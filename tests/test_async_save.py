@@ -14,7 +14,7 @@ import time
 import types
 from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import pytest
@@ -94,6 +94,9 @@ class FakeGpu:
 
     def thread_initializer(self) -> None:
         return None
+
+    def inference_mode(self) -> Any:
+        return nullcontext()
 
     # the test's side -------------------------------------------------------------------------------
     def stream(self, name: str) -> FakeStream:
@@ -335,7 +338,8 @@ def _adapter_cls() -> type:
             for r in self.requests:
                 self.lmcache_engine.store(r.token_ids, mask=r.mask, kvcaches=self.kvcaches,
                                           slot_mapping=r.slot_mapping, offset=r.skip,
-                                          transfer_spec=r.transfer_spec, request_configs=None, req_id=r.req_id)
+                                          transfer_spec=r.transfer_spec, request_configs=None,
+                                          req_id=r.req_id)
 
     return LMCacheConnectorV1Impl
 

@@ -77,6 +77,11 @@ class CudaOps:
     def elapsed_s(self, start: Any, end: Any) -> float | None:
         return start.elapsed_time(end) / 1e3
 
+    def inference_mode(self) -> Any:
+        import torch
+
+        return torch.inference_mode()
+
     def thread_initializer(self) -> Any:
         import torch
 
@@ -106,7 +111,8 @@ def patch_store(module: ModuleType) -> None:
         def store(self: Any, tokens: Any = None, hashes: Any = None, offsets: Any = None, mask: Any = None,
                   **kwargs: Any) -> Any:
             if getattr(STATE.local, "saving", False) and async_applies(self, tokens, hashes, offsets, kwargs):
-                return async_store(self, tokens, mask, kwargs)
+                with GPU.inference_mode():  # as LMCache's store (a decorator there)
+                    return async_store(self, tokens, mask, kwargs)
             return original(self, tokens, hashes, offsets, mask, **kwargs)
         return store
 
