@@ -6,11 +6,11 @@ A Redis server is reached through one of two LMCache 0.5.3 connectors, chosen by
   `<CacheEngineKey>metadata` and `<CacheEngineKey>kv_bytes`, and loads KV at ~0.26 GB/s
   (benchmarks/results/share-redis-h100.json).
 - resp://host:port: the native batched client (lmcache.lmcache_redis, C++, in the wheel; one connection per
-  worker thread, `extra_config.resp_num_threads`, default 8). It stores each chunk as ONE key,
-  `<CacheEngineKey>` itself, whose value is exactly one full chunk's KV bytes: no metadata key (the shapes
-  come from the engine's own config), so it cannot store partial chunks (save_unfull_chunk must be off,
-  which enable_blending forbids). It never sends SELECT (always database 0) and takes a password only from
-  extra_config or LMCACHE_RESP_USERNAME / LMCACHE_RESP_PASSWORD, never from the URL.
+  worker thread, `extra_config.resp_num_threads`, default 8, or $KVDEMO_RESP_NUM_THREADS). It stores each
+  chunk as ONE key, `<CacheEngineKey>` itself, whose value is exactly one full chunk's KV bytes: no metadata
+  key (the shapes come from the engine's own config), so it cannot store partial chunks (save_unfull_chunk
+  must be off, which enable_blending forbids). It never sends SELECT (always database 0) and takes a
+  password only from extra_config or LMCACHE_RESP_USERNAME / LMCACHE_RESP_PASSWORD, never from the URL.
 The key string is `model@world_size@worker_id@chunk_hash@dtype[@tags]` (lmcache 0.5.3,
 `utils.CacheEngineKey.to_string`). Sizing and clearing recognise both forms, whatever the scheme (one Redis
 may have served both connectors, and the simulated engines write the redis:// form), and touch those keys
@@ -39,6 +39,7 @@ MIN_FREE_GIB = 4.0  # ~2 GiB of KV per 16K tokens of Mistral-7B, stored once per
 REDIS_SCHEMES = ("redis://", "rediss://")
 RESP_SCHEME = "resp://"  # LMCache's native RESP client (lmcache.lmcache_redis) on a Redis server
 RESP_NUM_THREADS = 8  # LMCache 0.5.3's default resp_num_threads, written out so the config says it
+ENV_RESP_NUM_THREADS = "KVDEMO_RESP_NUM_THREADS"  # set: resp_num_threads for this run, over the template's
 LMCACHE_KEY_GLOB = "*@*@*@*@*"  # model@world_size@worker_id@chunk_hash@dtype...: SCAN's server-side filter
 LMCACHE_KEY_SUFFIXES = (b"metadata", b"kv_bytes")  # the redis:// connector's two keys per chunk
 # CacheEngineKey.to_string(): model@world_size@worker_id@chunk_hash_hex@dtype, then a LayerCacheEngineKey's
@@ -200,9 +201,10 @@ class KvStore:
     def write_lmcache_config(self, template: Path, out_dir: Path) -> Path:
         """A copy of the share template with remote_url pointing at this store (a bad template: one line).
 
-        resp://: also `extra_config.resp_num_threads` (LMCache's default unless the template sets it), so the
-        written config says how many connections each engine opens; and a template the RESP connector would
-        refuse with an assert at engine start (it stores whole chunks only, without metadata) is refused here.
+        resp://: also `extra_config.resp_num_threads` ($KVDEMO_RESP_NUM_THREADS if set, else the template's,
+        else LMCache's default), so the written config says how many connections each engine opens; and a
+        template the RESP connector would refuse with an assert at engine start (it stores whole chunks only,
+        without metadata) is refused here.
         """
         data = dict(check_lmcache_config(template))
         data["remote_url"] = self.remote_url
@@ -212,12 +214,26 @@ class KvStore:
                 raise UserFacingError(f"--kv-store {self.url}: LMCache's RESP connector stores whole chunks "
                                       f"without metadata; remove enable_blending, save_unfull_chunk and "
                                       f"extra_config.save_chunk_meta from {template}, or use redis://.")
+            threads = resp_threads_from_env()
+            if threads is not None:
+                extra["resp_num_threads"] = threads
             extra.setdefault("resp_num_threads", RESP_NUM_THREADS)
             data["extra_config"] = extra
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / "lmcache-share.yaml"
         path.write_text(yaml.safe_dump(data, sort_keys=False))
         return path
+
+
+def resp_threads_from_env() -> int | None:
+    """$KVDEMO_RESP_NUM_THREADS as a whole number of 1 or more, None when unset or empty (else one line)."""
+    value = os.environ.get(ENV_RESP_NUM_THREADS, "").strip()
+    if not value:
+        return None
+    if not (value.isascii() and value.isdigit()) or int(value) < 1:
+        raise UserFacingError(f"{ENV_RESP_NUM_THREADS}={value!r}: give the number of Redis connections (worker "
+                              "threads) per LMCache engine, 1 or more.")
+    return int(value)
 
 
 def check_resp_url(url: str) -> None:

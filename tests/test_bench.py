@@ -106,3 +106,22 @@ def test_pipeline_line_gives_b_load_rates():
     assert got == {"tokens": 16128, "gb": 2.114, "total_ms": 95.2, "wait_ms": 12.5, "copy_ms": 52.9,
                    "copy_gb_s": 39.96, "total_gb_s": 22.21}
     assert pipeline_figures([line], "kvdemo-other") is None and pipeline_figures([line], None) is None
+
+
+def test_store_lines_give_what_storing_cost_a():
+    from kvdemo.bench.share_cases import store_figures
+
+    sync = [f"(EngineCore pid=9) [2026-12-06 10:00:0{i}] LMCache INFO: [req_id=cmpl-kvdemo-a1-0-77aa] Stored 8192 "
+            f"out of total 8192 tokens. size: 1.0000 GB, cost 44.6000 ms, throughput: 22.4215 GB/s; offload_time: "
+            f"42.9000 ms, put_time: 1.7000 ms" for i in range(2)]
+    got = store_figures(["noise", *sync], "kvdemo-a1")
+    assert got == {"mode": "sync", "steps": 2, "tokens": 16384, "gb": 2.1475, "step_ms": 89.2, "copy_ms": 85.8,
+                   "copy_gb_s": 25.03}
+    fast = ("INFO 12-06 10:00:01 [kvdemo] kvdemo async_save: [req_id=cmpl-kvdemo-a2-0-1b] stored 8192 of 8192 "
+            "tokens (1.074 GB): the step paid 2.5 ms, the copy took 20.0 ms (53.7 GB/s) on the GPU and was done "
+            "21.0 ms after it was enqueued, put 1.2 ms")
+    unknown = fast.replace("20.0 ms (53.7 GB/s)", "? ms")
+    assert store_figures([fast, fast], "kvdemo-a2") == {"mode": "async", "steps": 2, "tokens": 16384, "gb": 2.148,
+                                                        "step_ms": 5.0, "copy_ms": 40.0, "copy_gb_s": 53.7}
+    assert store_figures([fast, unknown], "kvdemo-a2")["copy_ms"] is None
+    assert store_figures(sync, "kvdemo-other") is None and store_figures(sync, None) is None

@@ -75,7 +75,8 @@ def test_lmcache_keys_are_recognised_exactly(key, kind):
 # ----- the share config ----------------------------------------------------------------------------------
 
 
-def test_resp_config_says_its_threads_and_keeps_the_template(tmp_path):
+def test_resp_config_says_its_threads_and_keeps_the_template(tmp_path, monkeypatch):
+    monkeypatch.delenv("KVDEMO_RESP_NUM_THREADS", raising=False)
     store = KvStore.from_settings(tmp_path, "resp://127.0.0.1:6390")
     path = store.write_lmcache_config(REPO_ROOT / "lmcache_configs" / "share.yaml", tmp_path / "logs")
     data = yaml.safe_load(path.read_text())
@@ -87,6 +88,29 @@ def test_resp_config_says_its_threads_and_keeps_the_template(tmp_path):
     own.write_text("chunk_size: 256\nextra_config:\n  resp_num_threads: 16\n")
     data = yaml.safe_load(store.write_lmcache_config(own, tmp_path / "logs2").read_text())
     assert data["extra_config"] == {"resp_num_threads": 16}  # the template's own choice wins
+
+
+def test_resp_threads_from_the_environment_win_and_are_checked(tmp_path, monkeypatch):
+    store = KvStore.from_settings(tmp_path, "resp://127.0.0.1:6390")
+    own = tmp_path / "own.yaml"
+    own.write_text("chunk_size: 256\nextra_config:\n  resp_num_threads: 16\n")
+    for value, expected in (("32", 32), (" ", 16), ("", 16)):
+        monkeypatch.setenv("KVDEMO_RESP_NUM_THREADS", value)
+        data = yaml.safe_load(store.write_lmcache_config(own, tmp_path / f"o{expected}").read_text())
+        assert data["extra_config"]["resp_num_threads"] == expected
+    monkeypatch.setenv("KVDEMO_RESP_NUM_THREADS", "4")
+    data = yaml.safe_load(store.write_lmcache_config(REPO_ROOT / "lmcache_configs" / "share.yaml",
+                                                     tmp_path / "share").read_text())
+    assert data["extra_config"] == {"use_exists_sync": True, "resp_num_threads": 4}
+    for bad in ("0", "-2", "eight", "2.5"):
+        monkeypatch.setenv("KVDEMO_RESP_NUM_THREADS", bad)
+        with pytest.raises(UserFacingError, match="KVDEMO_RESP_NUM_THREADS") as info:
+            store.write_lmcache_config(own, tmp_path / "bad")
+        assert "\n" not in str(info.value)
+    monkeypatch.setenv("KVDEMO_RESP_NUM_THREADS", "12")  # a directory store writes no RESP setting
+    data = yaml.safe_load(KvStore.from_settings(tmp_path, None).write_lmcache_config(
+        REPO_ROOT / "lmcache_configs" / "share.yaml", tmp_path / "dir").read_text())
+    assert "resp_num_threads" not in data["extra_config"]
 
 
 @pytest.mark.parametrize("setting", ["enable_blending: true", "save_unfull_chunk: true",

@@ -17,6 +17,7 @@ from .protocol import CHUNKS_PER_PROMPT, BenchCases, ask, engine_log_lines, synt
 
 SHARE_TTFT_KEYS = ("a_cold_ttft_s", "b_after_a_ttft_s", "plain_a_ttft_s", "plain_b_ttft_s")
 B_LOAD_PATTERNS = ("Retrieved", "kvdemo pipeline:")
+A_STORE_PATTERNS = ("] Stored ", "kvdemo async_save: [")  # LMCache's own store, the plugin's async_save
 
 
 async def run_share_repeat(runtime: Runtime, context_tokens: int, decode_tokens: int, tag: str) -> dict:
@@ -49,7 +50,7 @@ async def run_share_repeat(runtime: Runtime, context_tokens: int, decode_tokens:
     return {"context_tokens": len(first), "a_cold_ttft_s": a.ttft_s, "b_after_a_ttft_s": b.ttft_s, **cold,
             "plain_a_ttft_s": plain_a.ttft_s, "plain_b_ttft_s": plain_b.ttft_s, "b_cached_tokens": b.cached_tokens,
             "lmcache_decode_tok_s": a.decode_tok_s, "plain_decode_tok_s": plain_a.decode_tok_s,
-            "store_bytes": store_bytes, "b_request_id": b.request_id}
+            "store_bytes": store_bytes, "a_request_id": a.request_id, "b_request_id": b.request_id}
 
 
 def share_prompts(builder: PromptBuilder | None, context_tokens: int, tag: str) -> tuple[list[int], list[int]]:
@@ -64,7 +65,7 @@ def share_prompts(builder: PromptBuilder | None, context_tokens: int, tag: str) 
 
 def summarize_share(context_target: int, repeats: list[dict]) -> dict:
     keys = (*SHARE_TTFT_KEYS, "b_after_a_cold_store_ttft_s", "lmcache_decode_tok_s", "plain_decode_tok_s",
-            "store_bytes", "b_load_gb_s", "b_read_gb_s", "b_cold_load_gb_s", "b_cold_read_gb_s")
+            "store_bytes", "b_load_gb_s", "b_read_gb_s", "b_cold_load_gb_s", "b_cold_read_gb_s", "a_store_step_ms")
     med = {k: _median_or_none([r.get(k) for r in repeats]) for k in keys}
     case = {"context_tokens": repeats[0]["context_tokens"], "context_target": context_target, **med,
             "repeats": repeats}
@@ -126,6 +127,62 @@ def pipeline_figures(lines: list[str], request_id: str | None) -> dict | None:
     return None
 
 
+def add_a_store_figures(runtime: Runtime, repeats: list[dict]) -> None:
+    """Per repeat, what storing A's request cost the engine steps that computed it (``a_store_step_ms``: the
+    sum over its steps of LMCache's store, or of the allocate + enqueue that async_save leaves in the step) and
+    the copies off the GPU (``a_store``), from A's engine log."""
+    lines = a_store_log(runtime, limit=10_000)
+    for r in repeats:
+        figures = store_figures(lines, r.get("a_request_id"))
+        r["a_store"], r["a_store_step_ms"] = figures, figures["step_ms"] if figures else None
+
+
+def annotate_share(runtime: Runtime, repeats: list[dict]) -> None:
+    add_b_load_figures(runtime, repeats)
+    add_a_store_figures(runtime, repeats)
+
+
+GIB = 1024 ** 3
+SYNC_STORE_LINE = re.compile(r"\[req_id=(?P<req>[^\]]+)\] Stored (?P<tokens>\d+) out of total \d+ tokens\. size: "
+                             r"(?P<gib>[\d.]+) GB, cost (?P<step_ms>[\d.]+) ms.*?offload_time: (?P<copy_ms>[\d.]+) ms")
+ASYNC_STORE_LINE = re.compile(r"kvdemo async_save: \[req_id=(?P<req>[^\]]+)\] stored (?P<tokens>\d+) of \d+ tokens "
+                              r"\((?P<gb>[\d.]+) GB\): the step paid (?P<step_ms>[\d.]+) ms, the copy took "
+                              r"(?:(?P<copy_ms>[\d.]+)|\?) ms")
+
+
+def store_figures(lines: list[str], request_id: str | None) -> dict | None:
+    """The stores of the request vLLM named ``cmpl-<request_id>-...`` (one line per step that stored it), summed:
+    ``mode`` sync (LMCache's store: ``step_ms`` is its cost, ``copy_ms`` its offload time) or async (the plugin's
+    async_save: ``step_ms`` is what the step paid, ``copy_ms`` the copies' GPU time); None if there is none."""
+    if not request_id:
+        return None
+    found = []
+    for line in lines:
+        m = SYNC_STORE_LINE.search(line) or ASYNC_STORE_LINE.search(line)
+        if m and f"cmpl-{request_id}-" in m["req"]:
+            gb = float(m["gb"]) if m.re is ASYNC_STORE_LINE else float(m["gib"]) * GIB / 1e9
+            copy = m["copy_ms"]
+            found.append(("async" if m.re is ASYNC_STORE_LINE else "sync", int(m["tokens"]), gb,
+                          float(m["step_ms"]), float(copy) if copy is not None else None))
+    if not found:
+        return None
+    gb = sum(f[2] for f in found)
+    copies = [f[4] for f in found]
+    copy_ms = sum(copies) if None not in copies else None
+    return {"mode": "/".join(sorted({f[0] for f in found})), "steps": len(found),
+            "tokens": sum(f[1] for f in found), "gb": round(gb, 4), "step_ms": round(sum(f[3] for f in found), 2),
+            "copy_ms": round(copy_ms, 2) if copy_ms is not None else None,
+            "copy_gb_s": round(gb / copy_ms * 1e3, 2) if copy_ms else None}
+
+
+def a_store_log(runtime: Runtime, limit: int = 40) -> list[str]:
+    """Share scenario: engine A's store lines (LMCache's "Stored ..." or the plugin's "kvdemo async_save: ..."),
+    what storing the document cost A's first request."""
+    engine = next((h for h in runtime.engines if h.spec.key == "lmcache_a"), None)
+    lines = engine_log_lines(engine) if engine is not None else []
+    return [ln.strip()[:600] for ln in lines if any(p in ln for p in A_STORE_PATTERNS)][-limit:]
+
+
 def b_load_log(runtime: Runtime, limit: int = 40) -> list[str]:
     """Share scenario: engine B's per-request load lines (LMCache's "Retrieved ..." or the plugin's
     "kvdemo pipeline: ..."), which split B's TTFT into loading the shared store and the rest."""
@@ -137,5 +194,6 @@ def b_load_log(runtime: Runtime, limit: int = 40) -> list[str]:
 SHARE_CASES = BenchCases(repeat=run_share_repeat, summarize=summarize_share, ttft_keys=SHARE_TTFT_KEYS,
                          requests="LMCache engines store every request (A stores, B loads)",
                          case_line=share_case_line, plot=plot_share,
-                         extra_fields=lambda runtime: {"b_load_log": b_load_log(runtime)},
-                         annotate=add_b_load_figures)
+                         extra_fields=lambda runtime: {"b_load_log": b_load_log(runtime),
+                                                       "a_store_log": a_store_log(runtime)},
+                         annotate=annotate_share)

@@ -1,6 +1,7 @@
 """Module paths the fixes patch (vllm 0.22.0 / lmcache 0.5.3), in one place so a rename shows up once."""
 
 MOD_WORKER = "vllm.v1.worker.gpu_worker"
+MOD_VLLM_LMCACHE_CONNECTOR = "vllm.distributed.kv_transfer.kv_connector.v1.lmcache_connector"
 MOD_LMC_VLLM_UTILS = "lmcache.integration.vllm.utils"
 MOD_MODEL_UTILS = "lmcache.v1.compute.models.utils"
 MOD_LLAMA = "lmcache.v1.compute.models.llama"
