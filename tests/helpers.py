@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
@@ -149,4 +150,12 @@ def stop_app(proc: subprocess.Popen, pids: set[int], output: Callable[[], str] =
         left = alive(pids)
         kill_all(left)
         pytest.fail(f"the app did not stop on SIGINT; left running: {describe(left)}\n{output()[-3000:]}")
+
+
+def fake_module(monkeypatch, name: str, **attrs: object) -> types.ModuleType:
+    """A module named ``name`` holding ``attrs``, in sys.modules for this test (stands in for vLLM/LMCache)."""
+    module = types.ModuleType(name)
+    module.__dict__.update(attrs)
+    monkeypatch.setitem(sys.modules, name, module)
+    return module
 

@@ -8,7 +8,6 @@ work only when an event is waited for (so "enqueued" and "done" are different mo
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 import types
@@ -18,6 +17,7 @@ from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import pytest
+from helpers import fake_module
 
 from kvdemo import vllm_plugin as vp
 from kvdemo.lmcache_patches import async_save, hooks, targets
@@ -362,13 +362,6 @@ def _vllm_connector_cls() -> type:
     return LMCacheConnectorV1
 
 
-def _module(monkeypatch: pytest.MonkeyPatch, name: str, **attrs: Any) -> types.ModuleType:
-    module = types.ModuleType(name)
-    module.__dict__.update(attrs)
-    monkeypatch.setitem(sys.modules, name, module)
-    return module
-
-
 @pytest.fixture(autouse=True)
 def clean_plugin(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     for var in (vp.ENV_ENABLE, vp.ENV_FIXES, vp.ENV_PROFILE):
@@ -406,14 +399,14 @@ def make_world(monkeypatch: pytest.MonkeyPatch, prefer: str = "side", fixes: str
     for pkg in ("lmcache", "lmcache.v1", "lmcache.integration", "lmcache.integration.vllm", "vllm",
                 "vllm.distributed", "vllm.distributed.kv_transfer",
                 "vllm.distributed.kv_transfer.kv_connector", "vllm.distributed.kv_transfer.kv_connector.v1"):
-        _module(monkeypatch, pkg)
+        fake_module(monkeypatch, pkg)
     engine_cls, impl_cls, vllm_cls = _engine_cls(), _adapter_cls(), _vllm_connector_cls()
     if not vllm_has_fence:
         vllm_cls = type("LMCacheConnectorV1", (), {"__init__": vllm_cls.__init__,
                                                   "wait_for_save": vllm_cls.wait_for_save})
-    _module(monkeypatch, targets.MOD_CACHE_ENGINE, LMCacheEngine=engine_cls)
-    _module(monkeypatch, targets.MOD_ADAPTER, LMCacheConnectorV1Impl=impl_cls)
-    _module(monkeypatch, targets.MOD_VLLM_LMCACHE_CONNECTOR, LMCacheConnectorV1=vllm_cls)
+    fake_module(monkeypatch, targets.MOD_CACHE_ENGINE, LMCacheEngine=engine_cls)
+    fake_module(monkeypatch, targets.MOD_ADAPTER, LMCacheConnectorV1Impl=impl_cls)
+    fake_module(monkeypatch, targets.MOD_VLLM_LMCACHE_CONNECTOR, LMCacheConnectorV1=vllm_cls)
     monkeypatch.setenv(vp.ENV_ENABLE, "1")
     monkeypatch.setenv(vp.ENV_FIXES, fixes)
     vp.register()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+from helpers import fake_module
 
 from kvdemo import vllm_plugin as vp
 from kvdemo.lmcache_patches import hooks, kernels, mask, quiet, split, targets
@@ -145,13 +146,6 @@ class FakeFusedRope:
         return k
 
 
-def _module(monkeypatch: pytest.MonkeyPatch, name: str, **attrs: Any) -> types.ModuleType:
-    module = types.ModuleType(name)
-    module.__dict__.update(attrs)
-    monkeypatch.setitem(sys.modules, name, module)
-    return module
-
-
 class Fakes(types.SimpleNamespace):
     pass
 
@@ -168,17 +162,17 @@ def fakes(monkeypatch: pytest.MonkeyPatch) -> Fakes:
     for pkg in ("vllm", "vllm.v1", "vllm.v1.worker", "lmcache", "lmcache.integration",
                 "lmcache.integration.vllm", "lmcache.v1", "lmcache.v1.compute", "lmcache.v1.compute.models",
                 "lmcache.v1.compute.blend"):
-        _module(monkeypatch, pkg)
+        fake_module(monkeypatch, pkg)
     ns = Fakes(
-        worker=_module(monkeypatch, "vllm.v1.worker.gpu_worker", Worker=worker_cls),
-        utils=_module(monkeypatch, "lmcache.integration.vllm.utils", ENGINE_NAME=ENGINE_NAME),
-        models=_module(monkeypatch, "lmcache.v1.compute.models.utils", VLLMModelTracker=FakeTracker,
+        worker=fake_module(monkeypatch, "vllm.v1.worker.gpu_worker", Worker=worker_cls),
+        utils=fake_module(monkeypatch, "lmcache.integration.vllm.utils", ENGINE_NAME=ENGINE_NAME),
+        models=fake_module(monkeypatch, "lmcache.v1.compute.models.utils", VLLMModelTracker=FakeTracker,
                        infer_model_from_vllm=fake_infer_model_from_vllm),
-        llama=_module(monkeypatch, "lmcache.v1.compute.models.llama", LMCLlamaModel=LMCLlamaModel),
-        blender=_module(monkeypatch, "lmcache.v1.compute.blend.blender",
+        llama=fake_module(monkeypatch, "lmcache.v1.compute.models.llama", LMCLlamaModel=LMCLlamaModel),
+        blender=fake_module(monkeypatch, "lmcache.v1.compute.blend.blender",
                         infer_model_from_vllm=fake_infer_model_from_vllm),
-        token_db=_module(monkeypatch, "lmcache.v1.token_database", SegmentTokenDatabase=db_cls),
-        rope=_module(monkeypatch, "lmcache.v1.compute.positional_encoding", FusedRope=rope_cls),
+        token_db=fake_module(monkeypatch, "lmcache.v1.token_database", SegmentTokenDatabase=db_cls),
+        rope=fake_module(monkeypatch, "lmcache.v1.compute.positional_encoding", FusedRope=rope_cls),
     )
     ns.Worker, ns.SegmentTokenDatabase, ns.FusedRope = worker_cls, db_cls, rope_cls
     return ns
@@ -459,10 +453,10 @@ def test_sync_fix_needs_the_copied_lmcache_version(fakes: Fakes, monkeypatch: py
         yield
 
     connector = type("VLLMBufferLayerwiseGPUConnector", (), {"batched_to_gpu": batched_to_gpu})
-    module = _module(monkeypatch, "lmcache.v1.gpu_connector.gpu_connectors",
+    module = fake_module(monkeypatch, "lmcache.v1.gpu_connector.gpu_connectors",
                      VLLMBufferLayerwiseGPUConnector=connector, torch=object(), lmc_ops=object(),
                      MemoryFormat=object(), LMCBlenderBuilder=object(), logger=logging.getLogger("x"))
-    _module(monkeypatch, "lmcache.v1.gpu_connector")
+    fake_module(monkeypatch, "lmcache.v1.gpu_connector")
 
     assert _register_warns_of_version(monkeypatch, caplog, "0.5.6", "sync")
     assert connector.batched_to_gpu is batched_to_gpu
@@ -620,7 +614,7 @@ def test_profile_logs_one_line_per_lmcache_step(fakes: Fakes, monkeypatch: pytes
             return None
 
     fakes.blender.LMCBlender = LMCBlender
-    _module(monkeypatch, "lmcache.v1.cache_engine", LMCacheEngine=LMCacheEngine)
+    fake_module(monkeypatch, "lmcache.v1.cache_engine", LMCacheEngine=LMCacheEngine)
     _enable(monkeypatch)
     monkeypatch.setenv(vp.ENV_PROFILE, "1")
     engine = LMCacheEngine()
@@ -690,7 +684,7 @@ class FakeOtherOp(FakeSiluAndMul):
 
 def test_blend_runs_vllm_cuda_kernels_and_restores_them(monkeypatch: pytest.MonkeyPatch) -> None:
     ir_ops = {name: FakeIrOp(name, []) for name in kernels.BLEND_IR_OPS}
-    _module(monkeypatch, "vllm", ir=types.SimpleNamespace(ops=types.SimpleNamespace(**ir_ops)))
+    fake_module(monkeypatch, "vllm", ir=types.SimpleNamespace(ops=types.SimpleNamespace(**ir_ops)))
     act, rope, other = FakeSiluAndMul(), FakeRotaryEmbedding(), FakeOtherOp()
     already = FakeRotaryEmbedding()
     already._forward_method = already.forward_cuda
@@ -725,7 +719,7 @@ def test_blend_runs_vllm_cuda_kernels_and_restores_them(monkeypatch: pytest.Monk
 
 def test_blend_kernels_without_vllm_ir_still_blends(monkeypatch: pytest.MonkeyPatch,
                                                    caplog: pytest.LogCaptureFixture) -> None:
-    _module(monkeypatch, "vllm")  # a vLLM without vllm.ir
+    fake_module(monkeypatch, "vllm")  # a vLLM without vllm.ir
     act = FakeSiluAndMul()
 
     class LMCBlender:
@@ -761,7 +755,7 @@ class FakeTorchTensor:
 @pytest.fixture
 def fake_torch(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
     pytest.importorskip("numpy")
-    return _module(monkeypatch, "torch", from_numpy=FakeTorchTensor)
+    return fake_module(monkeypatch, "torch", from_numpy=FakeTorchTensor)
 
 
 @pytest.mark.parametrize("tokens", [[1, 938, 938, 223, 31999], [], list(range(24_000)), (5, 6)])
@@ -868,11 +862,11 @@ def lookup_fakes(monkeypatch: pytest.MonkeyPatch) -> types.SimpleNamespace:
     FakeEngineBuilder.instances = {}
     for pkg in ("lmcache", "lmcache.integration", "lmcache.integration.vllm", "lmcache.v1",
                 "lmcache.v1.lookup_client"):
-        _module(monkeypatch, pkg)
-    _module(monkeypatch, targets.MOD_LMC_VLLM_UTILS, ENGINE_NAME=ENGINE_NAME)
-    _module(monkeypatch, targets.MOD_CACHE_ENGINE, LMCacheEngineBuilder=FakeEngineBuilder)
+        fake_module(monkeypatch, pkg)
+    fake_module(monkeypatch, targets.MOD_LMC_VLLM_UTILS, ENGINE_NAME=ENGINE_NAME)
+    fake_module(monkeypatch, targets.MOD_CACHE_ENGINE, LMCacheEngineBuilder=FakeEngineBuilder)
     cls = _lookup_client_cls()
-    _module(monkeypatch, targets.MOD_LOOKUP_CLIENT, LMCacheLookupClient=cls)
+    fake_module(monkeypatch, targets.MOD_LOOKUP_CLIENT, LMCacheLookupClient=cls)
     _enable(monkeypatch, "lookup")
     vp.register()
     return types.SimpleNamespace(cls=cls)
@@ -1025,12 +1019,12 @@ def _cache_engine_cls() -> type:
 @pytest.fixture
 def pipeline_engine_cls(monkeypatch: pytest.MonkeyPatch) -> type:
     np = pytest.importorskip("numpy")
-    _module(monkeypatch, "torch", zeros=lambda n, dtype=None, device=None: np.zeros(n, dtype=dtype),
+    fake_module(monkeypatch, "torch", zeros=lambda n, dtype=None, device=None: np.zeros(n, dtype=dtype),
             bool=bool, sum=lambda a: np.int64(a.sum()), inference_mode=contextlib.nullcontext)
     for pkg in ("lmcache", "lmcache.v1"):
-        _module(monkeypatch, pkg)
+        fake_module(monkeypatch, pkg)
     cls = _cache_engine_cls()
-    _module(monkeypatch, targets.MOD_CACHE_ENGINE, LMCacheEngine=cls)
+    fake_module(monkeypatch, targets.MOD_CACHE_ENGINE, LMCacheEngine=cls)
     monkeypatch.setattr(hooks, "lmcache_version", lambda: "0.5.3")
     _enable(monkeypatch, "pipeline")
     vp.register()
@@ -1089,10 +1083,10 @@ def test_pipeline_leaves_an_unhealthy_engine_to_lmcache(pipeline_engine_cls: typ
 def test_pipeline_needs_the_copied_lmcache_version(monkeypatch: pytest.MonkeyPatch,
                                                    caplog: pytest.LogCaptureFixture) -> None:
     for pkg in ("lmcache", "lmcache.v1"):
-        _module(monkeypatch, pkg)
+        fake_module(monkeypatch, pkg)
     cls = _cache_engine_cls()
     original = cls.retrieve
-    _module(monkeypatch, targets.MOD_CACHE_ENGINE, LMCacheEngine=cls)
+    fake_module(monkeypatch, targets.MOD_CACHE_ENGINE, LMCacheEngine=cls)
     assert _register_warns_of_version(monkeypatch, caplog, "0.6.0", "pipeline")
     assert cls.retrieve is original
 
@@ -1147,11 +1141,11 @@ class FakeFlashBackend:
 
 @pytest.fixture
 def mask_fakes(fakes: Fakes, monkeypatch: pytest.MonkeyPatch) -> Fakes:
-    _module(monkeypatch, "lmcache.v1.compute.attention")
+    fake_module(monkeypatch, "lmcache.v1.compute.attention")
     fakes.Metadata = type("LMCFlashAttnMetadata", (FakeAttnMetadata,), {})
     fakes.Backend = type("LMCFlashAttnBackend", (FakeFlashBackend,), {})
-    _module(monkeypatch, targets.MOD_ATTN_METADATA, LMCFlashAttnMetadata=fakes.Metadata)
-    _module(monkeypatch, targets.MOD_FLASH_ATTN, LMCFlashAttnBackend=fakes.Backend)
+    fake_module(monkeypatch, targets.MOD_ATTN_METADATA, LMCFlashAttnMetadata=fakes.Metadata)
+    fake_module(monkeypatch, targets.MOD_FLASH_ATTN, LMCFlashAttnBackend=fakes.Backend)
     fakes.built = []
     fakes.exact_calls = []
     fakes.fused_merges = []
