@@ -30,13 +30,17 @@
 #   node and to another node. numactl, if the machine lacks it: Debian's .debs in .gpu/numactl/ (apt-get download
 #   numactl libnuma1), unpacked under /tmp/numactl-root; without either, taskset binds the CPUs only.
 # oracle: kvdemo.blend_oracle, the torch reference of LMCache's CacheBlend on the quality prompts (same SmolLM2 dir).
-# Result JSONs come back as files; logs and text output are packed into $OUT/logs-<steps>.tar.gz.
+# Result JSONs are written to RESULTS (default /tmp/kvdemo-results, outside the tree) and come back as files in
+# $OUT; logs and text output are packed into $OUT/logs-<steps>.tar.gz.
 # Steps longer than one remote command may run: scripts/gpu_background.sh starts them detached (setsid; a plain
 # `nohup ... &` dies with the command that started it), then reports and collects them step by step.
 # SITE (default /tmp/site): where the wheels are installed; a SITE/kvdemo_done marker skips the install.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 started=$(mktemp); TXT=$(mktemp -d)
+# Results are written outside the working tree: a machine that re-copies the tree for each remote command
+# removes files the tree does not have, a result written a moment before included.
+RESULTS=${RESULTS:-/tmp/kvdemo-results}; mkdir -p "$RESULTS/steps"
 SITE=${SITE:-/tmp/site}
 if [[ ! -f $SITE/kvdemo_done ]]; then
   bash .gpu/install_on_device.sh "$PWD" > "$TXT/install.txt" 2>&1 || { cat "$TXT/install.txt"; exit 1; }
@@ -118,7 +122,7 @@ for step in "$@"; do
   logs=/tmp/kvlogs-$step; rm -rf "$logs"
   case $step in
     bench)
-      timeout ${BENCH_TIMEOUT:-400} python -m kvdemo.bench --model $MODEL --engine-args "$GRAPH_ARGS" \
+      timeout ${BENCH_TIMEOUT:-400} python -m kvdemo.bench --out "$RESULTS" --model $MODEL --engine-args "$GRAPH_ARGS" \
         --log-dir "$logs" --contexts 4000,8000,16000,24000 --repeats 3 --decode-tokens 256 \
         --ask "$QUESTION" ${BENCH_ARGS:-} 2>&1 | tee "$TXT/bench.txt" | grep -v " INFO "
       rc=$((rc | PIPESTATUS[0]))
@@ -139,7 +143,7 @@ for step in "$@"; do
       fi
       name_args=""
       if [[ -n $SHARE_SUFFIX ]]; then name_args="--name share$SHARE_SUFFIX"; fi
-      timeout ${SHARE_TIMEOUT:-400} $prefix python -m kvdemo.bench --scenario share --model $MODEL \
+      timeout ${SHARE_TIMEOUT:-400} $prefix python -m kvdemo.bench --out "$RESULTS" --scenario share --model $MODEL \
         --engine-args "$GRAPH_ARGS" --log-dir "$logs" --kv-store-dir "${KV_STORE_DIR:-/tmp/kvdemo-kv-store}" --clear-kv-store \
         --contexts 8000,16000 --repeats 3 --decode-tokens 256 --skip-app-question $SHARE_CONFIG_ARGS $name_args \
         ${SHARE_ARGS:-} 2>&1 | tee "$TXT/$step.txt" | grep -v " INFO "
@@ -166,7 +170,7 @@ for step in "$@"; do
       sleep 1
       LD_LIBRARY_PATH=/tmp/redis-root/usr/lib/x86_64-linux-gnu /tmp/redis-root/usr/bin/redis-cli -p 6390 \
         config get 'io-threads*' | paste - - | tee "$TXT/share-$REDIS_SCHEME-server.txt"
-      timeout ${SHARE_TIMEOUT:-400} python -m kvdemo.bench --scenario share --model $MODEL \
+      timeout ${SHARE_TIMEOUT:-400} python -m kvdemo.bench --out "$RESULTS" --scenario share --model $MODEL \
         --engine-args "$EAGER_ARGS" --log-dir "$logs" --kv-store $REDIS_SCHEME://127.0.0.1:6390 \
         --name share-$REDIS_SCHEME$SHARE_SUFFIX $SHARE_CONFIG_ARGS \
         --contexts 8000,16000 --repeats 3 --decode-tokens 256 --skip-app-question ${SHARE_ARGS:-} 2>&1 \
@@ -178,7 +182,7 @@ for step in "$@"; do
       # Is B's ~25 GB/s copy (docs/sharing.md) a NUMA placement? The same copies unbound, bound to the GPU's node,
       # bound to another node; result JSONs in benchmarks/results/steps/, a summary on stdout.
       gpu_numa
-      gpu=$(gpu_slug); steps=benchmarks/results/steps
+      gpu=$(gpu_slug); steps=$RESULTS/steps
       python scripts/h2d_bandwidth.py --out "$steps/h2d-numa-unbound-${gpu:-gpu}.json" > /dev/null
       rc=$((rc | $?))
       if [[ -n $BIND_LOCAL ]]; then
@@ -217,7 +221,7 @@ PY
       rc=$((rc | PIPESTATUS[0])) ;;
     quality)
       smollm2_dir
-      timeout ${QUALITY_TIMEOUT:-1500} python -m kvdemo.bench --quality --model "$SMOL" --max-model-len 8192 \
+      timeout ${QUALITY_TIMEOUT:-1500} python -m kvdemo.bench --out "$RESULTS" --quality --model "$SMOL" --max-model-len 8192 \
         --engine-args "${ENGINE_ARGS-"--max-num-seqs 8"}" --log-dir "$logs" \
         ${QUALITY_BASELINE---baseline-fixes all,-mask} ${QUALITY_ARGS:-} 2>&1 | tee "$TXT/quality.txt" | grep -v " INFO "
       rc=$((rc | PIPESTATUS[0]))
@@ -226,7 +230,7 @@ PY
       smollm2_dir
       gpu=$(gpu_slug)
       timeout ${ORACLE_TIMEOUT:-400} python -m kvdemo.blend_oracle --model "$SMOL" --device cuda --prompts 40 \
-        --rows 24 --out "benchmarks/results/steps/blend-oracle-${gpu:-gpu}.json" ${ORACLE_ARGS:-} 2>&1 \
+        --rows 24 --out "$RESULTS/steps/blend-oracle-${gpu:-gpu}.json" ${ORACLE_ARGS:-} 2>&1 \
         | tee "$TXT/oracle.txt" | grep -v "Loading weights"
       rc=$((rc | PIPESTATUS[0])) ;;
     models)
@@ -299,7 +303,7 @@ PY
     qwen-bench)
       # The bench step on real Qwen2.5-Coder-1.5B weights up to 31K tokens: CUDA graphs, medians of 3 repeats.
       qwen_dir || { rc=1; continue; }
-      timeout ${QWEN_BENCH_TIMEOUT:-540} python -m kvdemo.bench --model "$QWEN" --engine-args "${ENGINE_ARGS-}" \
+      timeout ${QWEN_BENCH_TIMEOUT:-540} python -m kvdemo.bench --out "$RESULTS" --model "$QWEN" --engine-args "${ENGINE_ARGS-}" \
         --max-model-len 32768 --log-dir "$logs" --contexts 8000,16000,24000,31000 --repeats 3 --decode-tokens 256 \
         --ask "$QUESTION" --name blend-qwen1.5b ${QWEN_BENCH_ARGS:-} 2>&1 | tee "$TXT/qwen-bench.txt" | grep -v " INFO "
       rc=$((rc | PIPESTATUS[0]))
@@ -311,7 +315,7 @@ PY
       # The quality bench on real Qwen2.5-Coder-1.5B weights at 8K/16K/30K: one engine per ratio, plus plain vLLM
       # and the fix-equivalence engines; longer than one call: run it in the background (see the top).
       qwen_dir || { rc=1; continue; }
-      timeout ${QWEN_QUALITY_TIMEOUT:-5400} python -m kvdemo.bench --quality --model "$QWEN" --max-model-len 32768 \
+      timeout ${QWEN_QUALITY_TIMEOUT:-5400} python -m kvdemo.bench --out "$RESULTS" --quality --model "$QWEN" --max-model-len 32768 \
         --engine-args "${ENGINE_ARGS-"--max-num-seqs 8"}" --log-dir "$logs" --quality-contexts 8000,16000,30000 \
         --ratios 0.02,0.05,0.10,0.15,0.30,1.0 --prompts 40 --name quality-qwen1.5b ${QWEN_QUALITY_ARGS:-} 2>&1 \
         | tee "$TXT/qwen-quality.txt" | grep -v " INFO "
@@ -322,7 +326,7 @@ PY
   else echo "no engine processes left after $step"; fi
 done
 # New result files come back one by one; everything else in one archive.
-find benchmarks/results -newer "$started" -type f \( -name '*.json' -o -name '*.json.gz' -o -name '*.png' \) \
+find "$RESULTS" -newer "$started" -type f \( -name '*.json' -o -name '*.json.gz' -o -name '*.png' \) \
   -exec cp {} "$OUT/" \;
 tar czf "$OUT/logs-$(IFS=-; echo "$*").tar.gz" -C "$TXT" .
 exit "$rc"

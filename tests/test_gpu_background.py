@@ -17,12 +17,12 @@ SCRIPT = REPO_ROOT / "scripts" / "gpu_background.sh"
 
 @pytest.mark.slow
 def test_a_step_runs_detached_and_is_collected(tmp_path):
-    runs, site, sim = tmp_path / "runs", tmp_path / "site", tmp_path / "sim"
+    runs, site, results = tmp_path / "runs", tmp_path / "site", tmp_path / "results"
     site.mkdir()
     lm_port, plain_port = free_ports(2)
     (site / "kvdemo_done").touch()  # wheels "installed": gpu_run.sh skips its install
-    env = {**os.environ, "RUNS": str(runs), "SITE": str(site),
-           "STEP_ENV_before": f"BENCH_ARGS='--simulate --model mistralai/Mistral-7B-Instruct-v0.2 --out {sim} --contexts 4000 --repeats 2 --decode-tokens 8 "
+    env = {**os.environ, "RUNS": str(runs), "SITE": str(site), "RESULTS": str(results),
+           "STEP_ENV_before": f"BENCH_ARGS='--simulate --model mistralai/Mistral-7B-Instruct-v0.2 --contexts 4000 --repeats 2 --decode-tokens 8 "
                               f"--skip-app-question --name before --engine-ports {lm_port},{plain_port}'"}
     env.pop("PYTHONPATH", None)
 
@@ -36,6 +36,9 @@ def test_a_step_runs_detached_and_is_collected(tmp_path):
     assert "before.tgz" in run("collect", str(tmp_path / "got"))
     with tarfile.open(tmp_path / "got" / "before.tgz") as t:
         out = t.extractfile("before/out.txt").read().decode()
+        names = t.getnames()
     assert "kvdemo.bench: wrote" in out and "kvdemo.bench.spread: every blended repeat" in out
-    assert (sim / "before-simulated.json").is_file()
+    # the result is written outside the working tree (RESULTS) and comes back with the step
+    assert (results / "before-simulated.json").is_file() and "before/before-simulated.json" in names
+    assert not list((REPO_ROOT / "benchmarks" / "results").glob("before-simulated*"))
     assert "before.tgz" not in run("collect", str(tmp_path / "again"))  # each finished step is sent once
