@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
-from helpers import free_ports
+from helpers import REPO_ROOT, free_ports
 
 from kvdemo import bench
 from kvdemo.bench.cases import BLEND_CASES, CASES, cases_for
+from kvdemo.bench.model_meta import meta_fields, model_meta
 from kvdemo.bench.share_cases import SHARE_CASES
 from kvdemo.config import SCENARIO_NAMES
 from kvdemo.errors import UserFacingError
@@ -125,3 +128,23 @@ def test_store_lines_give_what_storing_cost_a():
                                                         "step_ms": 5.0, "copy_ms": 40.0, "copy_gb_s": 53.7}
     assert store_figures([fast, unknown], "kvdemo-a2")["copy_ms"] is None
     assert store_figures(sync, "kvdemo-other") is None and store_figures(sync, None) is None
+
+
+@pytest.mark.slow
+def test_blend_bench_carries_the_model_dirs_provenance(tmp_path):
+    """A model made by ``python -m kvdemo.models`` has kvdemo_model.json; the speed result carries it."""
+    model = tmp_path / "model"
+    shutil.copytree(REPO_ROOT / "kvdemo" / "assets" / "sim_tokenizer", model)
+    (model / "config.json").write_text(json.dumps({"model_type": "mistral", "max_position_embeddings": 32768}))
+    (model / "kvdemo_model.json").write_text(json.dumps({"model_sha256": "cd" * 32,
+                                                         "gguf": {"general.name": "tiny"}}))
+    result = _run(tmp_path, "--model", str(model), "--contexts", "4000", "--skip-app-question")
+    assert result["model_sha256"] == "cd" * 32 and result["model_meta"]["gguf"]["general.name"] == "tiny"
+    assert result["model_meta_file"] == str(model / "kvdemo_model.json")
+
+
+def test_model_meta_fields():
+    assert meta_fields(None) == {}
+    assert meta_fields((Path("m.json"), {"a": 1})) == {"model_meta_file": "m.json", "model_meta": {"a": 1}}
+    with pytest.raises(UserFacingError, match="--model-meta /nonexistent.json: no such file"):
+        model_meta("x", "/nonexistent.json")

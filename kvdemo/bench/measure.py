@@ -17,6 +17,7 @@ from ..revision import source_revision
 from ..runtime import Runtime
 from .cases import TRACE_PRINT_KEYS, run_trace
 from .job import BenchJob
+from .model_meta import meta_fields, model_meta
 from .protocol import engine_log_lines
 
 EVIDENCE_PATTERNS = ("Registering vllm model", "Creating blender", "kvdemo plugin: applied", "LMCache hit tokens",
@@ -54,6 +55,7 @@ def measure(job: BenchJob) -> Measured:
             "versions": versions(),
             "model": settings.model,
             "model_shape": "Mistral-7B-Instruct-v0.2" if "mistral" in settings.model.lower() else settings.model,
+            **meta_fields(model_meta(settings.model)),
             "weights": "simulated" if settings.simulate else ("dummy" if "dummy" in engine_args else "real"),
             "command": job.command,
             **source_revision(),

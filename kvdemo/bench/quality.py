@@ -64,6 +64,7 @@ from ..vllm_plugin import ALL_FIXES, ANSWER_FIXES, REQUIRED_FIXES
 from . import quality_report as report
 from .job import token_counts
 from .measure import versions
+from .model_meta import MODEL_META_FILE, meta_fields, model_meta
 from .protocol import engine_log_lines
 from .quality_report import CONTROL, FULL, AnswerScore, Context, Variant
 from .write import gpu_slug
@@ -82,7 +83,6 @@ EVIDENCE_FIXES = ("telemetry",)
 MINIMAL_FIXES = ",".join(REQUIRED_FIXES + ANSWER_FIXES + EVIDENCE_FIXES)
 RESET_ENV = {"VLLM_SERVER_DEV_MODE": "1"}  # vLLM serves POST /reset_prefix_cache only in dev mode
 REQUEST_TAG = "kvq-"  # X-Request-Id prefix of the harness's scored requests
-MODEL_META_FILE = "kvdemo_model.json"  # optional, in the model directory: SHA-256, GGUF metadata, ...
 TELEMETRY_WAIT_S = 10.0  # the plugin writes a record once the load's GPU work is done
 STOP_TOKENS = ("</s>", "<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>")  # end-of-turn, if in vocab
 # A warning or error of the plugin in an engine log: its handler's "LEVEL <time> [kvdemo] ...", vLLM's process
@@ -162,23 +162,6 @@ def engine_specs(settings: Settings, gpus: list[int], variants: list[Variant], c
                                 lmcache_config=write_variant_config(settings.lmcache_config_path, v, config_dir),
                                 extra_env={"KVDEMO_PLUGIN_FIXES": v.fixes}, **common))
     return specs
-
-
-def model_meta(model: str, explicit: str | None) -> tuple[Path, dict] | None:
-    """The model's metadata file (``--model-meta``, else ``<model dir>/kvdemo_model.json`` if present): a JSON
-    object passed through to the result (``model_sha256`` and GGUF metadata, for instance)."""
-    path = Path(explicit) if explicit else Path(model) / MODEL_META_FILE
-    if not path.is_file():
-        if explicit:
-            raise UserFacingError(f"--model-meta {path}: no such file.")
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UserFacingError(f"Model metadata {path}: not readable JSON ({exc}).") from exc
-    if not isinstance(data, dict):
-        raise UserFacingError(f"Model metadata {path}: needs a JSON object.")
-    return path, data
 
 
 # --------------------------------------------------------------------------------------------------
@@ -497,8 +480,7 @@ def run_quality(a, settings: Settings, argv_text: str) -> dict:
     base = {
         "device": device, **({"simulated": True} if settings.simulate else {}),
         "versions": versions(), **source_revision(), "model": settings.model,
-        **({"model_meta_file": str(meta[0]), "model_meta": meta[1]} if meta else {}),
-        **({"model_sha256": meta[1]["model_sha256"]} if meta and "model_sha256" in meta[1] else {}),
+        **meta_fields(meta),
         "weights": "simulated" if settings.simulate else (
             "dummy" if "dummy" in " ".join(settings.engine_args) else "real"),
         "command": "python -m kvdemo.bench " + argv_text,
