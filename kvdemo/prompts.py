@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SEPARATOR = " # # "  # LMCache's default blend_special_str
 SHOWN_SEPARATOR = "\n\n⟪ # # ⟫\n\n"  # how the UI shows a separator inside the context text
-# The page's default context: blending pays off on long contexts (benchmarks/results/blend-h100.json: 3x at 16K).
+# The page's default context: blending pays off on long contexts (benchmarks/results/blend-h100.json: 2.6x at 16K).
 DEFAULT_CONTEXT_TOKENS = 16_000
 ANSWER_ROOM_TOKENS = 512  # left under the engines' max_model_len for the question and the answer
 _PLACEHOLDER = "\x00KVDEMO_USER_MESSAGE\x00"
