@@ -48,6 +48,47 @@ def test_reference_requests_are_cold_and_the_control_reuses_them():
     assert [(n, m) for n, m, _ in control.calls] == [(n, m) for n, m, _ in sent]
 
 
+class _Handle:
+    def __init__(self, key: str) -> None:
+        self.spec = type("Spec", (), {"key": key, "url": f"http://{key}", "label": key, "lmcache": key != "plain"})()
+
+
+def _fake_answers(monkeypatch, log: list, fail_at: int | None = None) -> None:
+    """qb.answer replaced: logs (engine, tag) at start and end, the plain engine slower than the others."""
+    async def fake_answer(scorer, ids, reference_tokens, tag, max_tokens, cold=False):
+        engine = scorer.handle.spec.key
+        log.append(("start", engine, tag))
+        await asyncio.sleep(0.01 if engine == "plain" else 0.001)
+        if engine == "plain" and fail_at is not None and tag == f"plain-p{fail_at}-ref":
+            raise qb.EngineError("🐢 plain vLLM: POST /v1/completions answered HTTP 500", "plain")
+        log.append(("end", engine, tag))
+        return qb.Answer(quality.Scored([7, 8], {7: -0.1}), {}, [0])
+    monkeypatch.setattr(qb, "answer", fake_answer)
+
+
+def test_blended_requests_start_as_soon_as_their_reference_is_in(monkeypatch):
+    log: list = []
+    _fake_answers(monkeypatch, log)
+    prompts = [[1, 2, 3]] * 4
+    refs, controls, answers = asyncio.run(qb.measure_all(_Handle("plain"), [_Handle("r0.15"), _Handle("r1")],
+                                                         prompts, 16))
+    assert len(refs) == len(controls) == 4 and [len(a) for a in answers] == [4, 4]
+    for engine in ("r0.15", "r1"):
+        for i in range(4):
+            started = log.index(("start", engine, f"{engine}-p{i}"))
+            assert log.index(("end", "plain", f"plain-p{i}-ref")) < started  # after its own reference
+    # ... and without waiting for the whole reference pass: the passes overlap
+    assert log.index(("start", "r1", "r1-p0")) < log.index(("end", "plain", "plain-p3-ref"))
+
+
+def test_a_failed_reference_pass_stops_the_run_with_its_error(monkeypatch):
+    log: list = []
+    _fake_answers(monkeypatch, log, fail_at=2)
+    with pytest.raises(qb.EngineError, match="HTTP 500"):
+        asyncio.run(qb.measure_all(_Handle("plain"), [_Handle("r0.15")], [[1, 2, 3]] * 4, 16))
+    assert ("start", "r0.15", "r0.15-p2") not in log  # nothing blended without its reference
+
+
 def test_cold_check_counts_requests_that_were_not_cold():
     cached = {report.FULL: [[0, 0], [0, 16]], report.CONTROL: [[48, 48], [0, 64]]}
     assert report.cold_check(cached) == {"reference_requests": 4, "reference_requests_with_cached_tokens": 1,

@@ -20,7 +20,8 @@ kvdemo.quality.context_band). Per prompt, every request greedy with top-20 log-p
   the next token after 8, 16 and 32 of its answer tokens appended to the prompt;
 - control: the same requests again right after, each a prefix hit on the blocks the reference left (cold vs
   prefix hit: the floor of every column);
-- each 🚀 engine: the same requests blended (``lmcache.skip_save``, as the app sends questions).
+- each 🚀 engine: the same requests blended (``lmcache.skip_save``, as the app sends questions), each prompt as
+  soon as its reference is in (all engines at once: separate processes, so no answer changes).
 
 Every request reports its cached prompt tokens (``cold_check``) and carries an ``X-Request-Id`` starting with
 ``kvq-``, which finds its LMCache telemetry record (``evidence``: per-request exact-mask and fallback counts).
@@ -243,27 +244,62 @@ async def answer(scorer: Scorer, ids: list[int], reference_tokens: list[int] | N
     return Answer(qm.Scored(first.tokens, first.first_top), at, cached)
 
 
-async def reference_pass(plain: EngineHandle, prompts: list[list[int]], max_tokens: int
-                         ) -> tuple[list[Answer], list[Answer]]:
-    """🐢 on every prompt: cold (the reference), then the same requests again (prefix hits: the control)."""
+async def reference_pass(plain: EngineHandle, prompts: list[list[int]], max_tokens: int,
+                         ready: list[asyncio.Future] | None = None) -> tuple[list[Answer], list[Answer]]:
+    """🐢 on every prompt: cold (the reference), then the same requests again (prefix hits: the control).
+    ``ready[i]`` gets prompt i's reference as soon as it is in (the 🚀 engines start on it), or this pass's
+    error."""
     refs, controls = [], []
-    async with httpx.AsyncClient(timeout=600.0) as http:
-        scorer = Scorer(plain, http)
-        for i, ids in enumerate(prompts):
-            ref = await answer(scorer, ids, None, f"plain-p{i}-ref", max_tokens, cold=True)
-            refs.append(ref)
-            controls.append(await answer(scorer, ids, ref.scored.tokens, f"plain-p{i}-control", max_tokens))
-            if (i + 1) % 10 == 0:
-                print(f"kvdemo.bench: quality reference {i + 1}/{len(prompts)}", flush=True)
+    try:
+        async with httpx.AsyncClient(timeout=600.0) as http:
+            scorer = Scorer(plain, http)
+            for i, ids in enumerate(prompts):
+                ref = await answer(scorer, ids, None, f"plain-p{i}-ref", max_tokens, cold=True)
+                refs.append(ref)
+                if ready is not None:
+                    ready[i].set_result(ref)
+                controls.append(await answer(scorer, ids, ref.scored.tokens, f"plain-p{i}-control", max_tokens))
+                if (i + 1) % 10 == 0:
+                    print(f"kvdemo.bench: quality reference {i + 1}/{len(prompts)}", flush=True)
+    except BaseException as exc:
+        for future in ready or []:
+            if not future.done():
+                if isinstance(exc, Exception):
+                    future.set_exception(exc)
+                else:
+                    future.cancel()
+        raise
     return refs, controls
 
 
-async def blended_pass(handle: EngineHandle, prompts: list[list[int]], refs: list[Answer],
+async def blended_pass(handle: EngineHandle, prompts: list[list[int]], refs: list[asyncio.Future],
                        max_tokens: int) -> list[Answer]:
+    """One 🚀 engine on every prompt, each as soon as its reference (``refs[i]``) is in."""
     async with httpx.AsyncClient(timeout=600.0) as http:
         scorer = Scorer(handle, http)
-        return [await answer(scorer, ids, ref.scored.tokens, f"{handle.spec.key}-p{i}", max_tokens)
+        return [await answer(scorer, ids, (await ref).scored.tokens, f"{handle.spec.key}-p{i}", max_tokens)
                 for i, (ids, ref) in enumerate(zip(prompts, refs))]
+
+
+async def measure_all(plain: EngineHandle, blended: list[EngineHandle], prompts: list[list[int]],
+                      max_tokens: int) -> tuple[list[Answer], list[Answer], list[list[Answer]]]:
+    """The reference pass and every 🚀 engine's pass at once, each 🚀 request after its prompt's reference:
+    (references, controls, answers per 🚀 engine). The engines are separate processes, so running them
+    together changes no answer, only the wall time."""
+    loop = asyncio.get_running_loop()
+    ready = [loop.create_future() for _ in prompts]
+    reference = asyncio.create_task(reference_pass(plain, prompts, max_tokens, ready))
+    try:
+        answers = await asyncio.gather(*(blended_pass(h, prompts, ready, max_tokens) for h in blended))
+        refs, controls = await reference
+    finally:
+        if not reference.done():
+            reference.cancel()
+            await asyncio.gather(reference, return_exceptions=True)
+        for future in ready:  # a failed reference pass: its error is raised once, not per engine
+            if future.done() and not future.cancelled():
+                future.exception()
+    return refs, controls, list(answers)
 
 
 async def timing_pass(engines: list[EngineHandle], prompts: list[list[int]]) -> dict[str, float]:
@@ -442,14 +478,10 @@ def run_quality(a, settings: Settings, argv_text: str) -> dict:
         pre_s = precompute_all(list(blended.values()), runtime.precompute_prompts(), warm)
         print(f"kvdemo.bench: precomputed the library on every LMCache engine in {pre_s:.1f} s", flush=True)
 
-        async def measure():
-            refs, controls = await reference_pass(plain, ids, a.answer_max_tokens)
-            answers = await asyncio.gather(*(blended_pass(h, ids, refs, a.answer_max_tokens)
-                                             for h in blended.values()))
-            return refs, controls, dict(zip(blended, answers))
-
         t_measure = time.monotonic()
-        refs, controls, answers = asyncio.run(measure())
+        refs, controls, answer_lists = asyncio.run(measure_all(plain, list(blended.values()), ids,
+                                                               a.answer_max_tokens))
+        answers = dict(zip(blended, answer_lists))
         measure_s = time.monotonic() - t_measure
         ttft = {}
         for ctx in contexts:
