@@ -160,6 +160,7 @@ class ExactPlan:
     seqused_k: Any = None  # keys of the fully visible blocks, per tile
     block_table: Any = None  # [tiles, pages]: every tile reads pages 0.. of the same keys
     n_pages: int = 0
+    layers_run: int = 0  # layers this plan has computed (same shapes every layer: guards need checking once)
 
 
 def build_plan(positions: Any, n_keys: int, split: bool) -> ExactPlan:
@@ -179,8 +180,9 @@ def build_plan(positions: Any, n_keys: int, split: bool) -> ExactPlan:
                      n_pages=n_pages)
 
 
-def _flex(query: Any, key: Any, value: Any, block_mask: Any, scale: float) -> tuple[Any, Any]:
-    """FlexAttention on [k, H, d] / [N, Hkv, d] tensors: out [1, H, k, d] and its LSE [1, H, k].
+def _flex(query: Any, key: Any, value: Any, block_mask: Any, scale: float, flex: Any = None) -> tuple[Any, Any]:
+    """FlexAttention (``flex``, default :func:`flex_attention_fn`) on [k, H, d] / [N, Hkv, d] tensors: out
+    [1, H, k, d] and its LSE [1, H, k].
 
     Every caller asks for the LSE, so an engine compiles one FlexAttention graph (at warm-up)."""
     q = query.unsqueeze(0).transpose(1, 2)
@@ -194,8 +196,8 @@ def _flex(query: Any, key: Any, value: Any, block_mask: Any, scale: float) -> tu
         aux_request = kwargs["return_aux"] = AuxRequest(lse=True)
     except ImportError:  # older torch
         kwargs["return_lse"] = True
-    result = flex_attention_fn()(q, k, v, block_mask=block_mask, scale=scale,
-                                 enable_gqa=query.shape[1] != key.shape[1], **kwargs)
+    result = (flex or flex_attention_fn())(q, k, v, block_mask=block_mask, scale=scale,
+                                           enable_gqa=query.shape[1] != key.shape[1], **kwargs)
     if aux_request is not None:
         out, aux = result
         return out, aux.lse
@@ -243,11 +245,41 @@ def merge_by_lse_fused(out_a: Any, lse_a: Any, out_b: Any, lse_b: Any) -> Any:
     return _compiled_merge(out_a, lse_a, out_b, lse_b)
 
 
+def band_and_merge(query: Any, key: Any, value: Any, block_mask: Any, scale: float, full_out: Any,
+                   full_lse: Any) -> Any:
+    """The split path's second half as one function: FlexAttention on the band, merged with FlashAttention's
+    ``full_out``/``full_lse`` by log-sum-exp, in the query's dtype ([k, H, d])."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    band_out, band_lse = _flex(query, key, value, block_mask, scale, flex=flex_attention)
+    merged = merge_by_lse(full_out, full_lse, band_out.transpose(1, 2).squeeze(0), band_lse.squeeze(0))
+    return merged.to(query.dtype)
+
+
+_compiled_band_merge: Any = None
+
+
+def band_and_merge_fn() -> Any:
+    """:func:`band_and_merge` compiled once per process on a GPU (one region: one guard check and one wrapper
+    per layer instead of two); eager on CPU."""
+    global _compiled_band_merge
+    if _compiled_band_merge is None:
+        import torch
+
+        _compiled_band_merge = (torch.compile(band_and_merge, dynamic=True, fullgraph=True)
+                                if torch.cuda.is_available() else band_and_merge)
+    return _compiled_band_merge
+
+
 def exact_attention_split(query: Any, key: Any, value: Any, plan: ExactPlan, scale: float, fa_varlen: Any,
-                          fa_version: int | None = None, fused_merge: bool = True) -> Any:
+                          fa_version: int | None = None, fused_merge: bool = True, one_region: bool = False,
+                          skip_guards: bool = False) -> Any:
     """The split path of :class:`ExactPlan`: FlashAttention for full blocks + FlexAttention for the band.
 
-    ``fused_merge=False`` merges op by op (:func:`merge_by_lse`: a host sync per layer on a GPU)."""
+    ``fused_merge=False`` merges op by op (:func:`merge_by_lse`: a host sync per layer on a GPU);
+    ``one_region``: band and merge as one compiled function (:func:`band_and_merge_fn`), in the query's dtype;
+    with ``skip_guards`` too, a plan's layers after its first skip Dynamo's guard evaluation
+    (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``: every layer of a request has the same shapes)."""
     pages = plan.n_pages * KV_BLOCK
     hkv, d = key.shape[1], key.shape[2]
     k_cache = key[:pages].view(plan.n_pages, KV_BLOCK, hkv, d)
@@ -257,18 +289,29 @@ def exact_attention_split(query: Any, key: Any, value: Any, plan: ExactPlan, sca
                                    cu_seqlens_q=plan.cu_seqlens_q, max_seqlen_k=pages, seqused_k=plan.seqused_k,
                                    softmax_scale=scale, causal=False, block_table=plan.block_table,
                                    return_softmax_lse=True, **kwargs)
+    if one_region:
+        fn = band_and_merge_fn()
+        plan.layers_run += 1
+        if skip_guards and plan.layers_run > 1:
+            import torch
+
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                return fn(query, key, value, plan.mask, scale, full_out, full_lse)
+        return fn(query, key, value, plan.mask, scale, full_out, full_lse)
     band_out, band_lse = _flex(query, key, value, plan.mask, scale)
     merge = merge_by_lse_fused if fused_merge else merge_by_lse
     return merge(full_out, full_lse, band_out.transpose(1, 2).squeeze(0), band_lse.squeeze(0))
 
 
 def run_plan(query: Any, key: Any, value: Any, plan: ExactPlan, scale: float, fa_varlen: Any = None,
-             fa_version: int | None = None, fused_merge: bool = True) -> Any:
+             fa_version: int | None = None, fused_merge: bool = True, one_region: bool = False,
+             skip_guards: bool = False) -> Any:
     """Exact attention [k, H, d] of one layer under a request's plan (options: :func:`exact_attention_split`)."""
     if plan.split:
         if fa_varlen is None:
             raise ValueError("a split plan needs FlashAttention's varlen function")
-        return exact_attention_split(query, key, value, plan, scale, fa_varlen, fa_version, fused_merge)
+        return exact_attention_split(query, key, value, plan, scale, fa_varlen, fa_version, fused_merge,
+                                     one_region, skip_guards)
     return exact_attention(query, key, value, plan.mask, scale)
 
 
@@ -390,11 +433,20 @@ def _timed(row: dict, name: str, fn: Any, iters: int, want: Any = None) -> None:
     row[f"{name}_ms"], row[f"{name}_host_ms"] = _time_ms(fn, iters)
 
 
+# The split path's variants the self-check times (KVDEMO_MASK_VARIANT names them in the engines).
+SPLIT_VARIANTS: dict[str, dict[str, bool]] = {
+    "split": {"fused_merge": False},
+    "split_fused": {"fused_merge": True},
+    "split_one": {"one_region": True},
+    "split_one_skip_guards": {"one_region": True, "skip_guards": True},
+}
+
+
 def self_check(iters: int = 20, device_name: str = "cuda", shapes: tuple = SELF_CHECK_SHAPES,
                fa: Any = None) -> dict:
     """Exact paths vs an SDPA oracle (max abs error) and their time vs the bottom-right call, on this GPU.
 
-    Both variants of the split path are timed (eager or fused merge), GPU time
+    Every variant of the split path (:data:`SPLIT_VARIANTS`) is timed, GPU time
     per call and the host's time to issue it: a blend is host-bound where the host's is the larger."""
     import torch
 
@@ -424,9 +476,9 @@ def self_check(iters: int = 20, device_name: str = "cuda", shapes: tuple = SELF_
             row.update(tiles=int(full.shape[0]), full_blocks=int(full.sum()),
                        band_blocks=int((last - first + 1).clamp(min=0).sum()))
             _timed(row, "plan_split", functools.partial(build_plan, pos, n, True), iters)
-            for variant, fused in (("split", False), ("split_fused", True)):
+            for variant, options in SPLIT_VARIANTS.items():
                 _timed(row, f"exact_{variant}", functools.partial(run_plan, q, key, val, split_plan, scale, fa, 3,
-                                                                  fused), iters, want)
+                                                                  **options), iters, want)
             _timed(row, "bottom_right_vllm_fa3", functools.partial(vllm_fa_bottom_right(fa), q, key, val, scale),
                    iters)
         rows.append(row)

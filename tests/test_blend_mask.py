@@ -148,7 +148,7 @@ def reference_paged_varlen(q: Any, k: Any, v: Any, max_seqlen_q: int, cu_seqlens
     return out, lse
 
 
-def block_sparse_flex(query: Any, key: Any, value: Any, block_mask: Any, scale: float) -> Any:
+def block_sparse_flex(query: Any, key: Any, value: Any, block_mask: Any, scale: float, flex: Any = None) -> Any:
     """FlexAttention as its compiled kernels compute it (out and LSE, as kvdemo.blend_mask._flex returns them):
     only the listed blocks, mask_mod inside them.
 
@@ -172,11 +172,12 @@ def block_sparse_flex(query: Any, key: Any, value: Any, block_mask: Any, scale: 
     return out, out_lse[None]
 
 
-@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("options", [{"fused_merge": False}, {"fused_merge": True}, {"one_region": True},
+                                     {"one_region": True, "skip_guards": True}], ids=str)
 @pytest.mark.parametrize(("n_keys", "k"), [(1000, 150), (700, 300), (300, 7), (129, 3), (2000, 127)])
-def test_split_plan_matches_oracle(n_keys: int, k: int, fused: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """FlashAttention on fully visible blocks + FlexAttention on the band, merged (eager or fused): the exact
-    attention."""
+def test_split_plan_matches_oracle(n_keys: int, k: int, options: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """FlashAttention on fully visible blocks + FlexAttention on the band, merged (every variant of the split
+    path, over two layers of one plan): the exact attention."""
     torch = pytest.importorskip("torch")
     monkeypatch.setattr(bm, "_flex", block_sparse_flex)
     pos = bm.spread_positions(n_keys, k, seed=k)
@@ -185,9 +186,10 @@ def test_split_plan_matches_oracle(n_keys: int, k: int, fused: bool, monkeypatch
                    torch.randn(n_keys, 2, 16, generator=g))
     plan = bm.build_plan(pos, n_keys, split=True)
     assert plan.split
-    got = bm.run_plan(q, key, val, plan, 0.25, reference_paged_varlen, fused_merge=fused)
     want = bm.reference_attention(q, key, val, pos, 0.25)
-    assert torch.allclose(got, want, atol=1e-5)
+    for _layer in range(2):  # skip_guards acts from a plan's second layer on
+        got = bm.run_plan(q, key, val, plan, 0.25, reference_paged_varlen, **options)
+        assert got.dtype == q.dtype and torch.allclose(got, want, atol=1e-5)
     assert torch.allclose(bm.run_plan(q, key, val, bm.build_plan(pos, n_keys, split=False), 0.25), want, atol=1e-5)
 
 
@@ -210,3 +212,24 @@ def test_merge_takes_empty_sides_of_either_sign() -> None:
         assert torch.equal(merged[0], b[0]) and torch.equal(merged[1], a[1])
     even = bm.merge_by_lse(a, torch.zeros(1, 2), b, torch.zeros(1, 2))
     assert torch.allclose(even, torch.full((2, 1, 3), 3.0))
+
+
+def test_band_and_merge_traces_as_one_graph() -> None:
+    """The one-region variant compiles without a graph break (fullgraph, dynamic shapes): Dynamo traced on CPU
+    with the aot_eager backend (Inductor's CPU FlexAttention has no LSE), same result as eager."""
+    torch = pytest.importorskip("torch")
+    pos = bm.spread_positions(1000, 150, seed=1)
+    g = torch.Generator().manual_seed(0)
+    q, key, val = (torch.randn(150, 4, 16, generator=g), torch.randn(1000, 2, 16, generator=g),
+                   torch.randn(1000, 2, 16, generator=g))
+    plan = bm.build_plan(pos, 1000, split=True)
+    pages = plan.n_pages * bm.KV_BLOCK
+    full_out, full_lse = reference_paged_varlen(
+        q=q, k=key[:pages].view(plan.n_pages, bm.KV_BLOCK, 2, 16), v=val[:pages].view(plan.n_pages, bm.KV_BLOCK, 2, 16),
+        max_seqlen_q=bm.Q_BLOCK, cu_seqlens_q=plan.cu_seqlens_q, max_seqlen_k=pages, seqused_k=plan.seqused_k,
+        softmax_scale=0.25, causal=False, block_table=plan.block_table, return_softmax_lse=True)
+    compiled = torch.compile(bm.band_and_merge, dynamic=True, fullgraph=True, backend="aot_eager")
+    want = bm.band_and_merge(q, key, val, plan.mask, 0.25, full_out, full_lse)
+    assert torch.equal(compiled(q, key, val, plan.mask, 0.25, full_out, full_lse), want)
+    with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+        assert torch.equal(compiled(q, key, val, plan.mask, 0.25, full_out, full_lse), want)

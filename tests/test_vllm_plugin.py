@@ -1149,14 +1149,16 @@ def mask_fakes(fakes: Fakes, monkeypatch: pytest.MonkeyPatch) -> Fakes:
     fakes.built = []
     fakes.exact_calls = []
     fakes.fused_merges = []
+    fakes.options = []
 
     def build(positions: list[int], n_keys: int, split: bool) -> tuple:
         fakes.built.append((list(positions), n_keys))
         return ("plan", tuple(positions), n_keys, split)
 
     def exact(query: FakeRows, key: FakeRows, value: FakeRows, plan: Any, scale: float, fa: Any,
-              fa_version: Any, fused_merge: bool) -> FakeRows:
+              fa_version: Any, fused_merge: bool, one_region: bool, skip_guards: bool) -> FakeRows:
         fakes.fused_merges.append(fused_merge)
+        fakes.options.append({"fused_merge": fused_merge, "one_region": one_region, "skip_guards": skip_guards})
         fakes.exact_calls.append((plan, scale))
         return FakeRows(query.shape[0], "exact")
 
@@ -1197,6 +1199,23 @@ def test_mask_variant_eager_selects_the_op_by_op_merge(mask_fakes: Fakes, monkey
     meta.update_from_top_indices([1, 4, 7])
     mask_fakes.Backend().forward_contiguous(FakeRows(3), FakeRows(10), FakeRows(10), FakeRows(3), meta)
     assert mask_fakes.fused_merges == [False]
+
+
+@pytest.mark.parametrize(("variant", "want"), [
+    ("one", {"fused_merge": True, "one_region": True, "skip_guards": False}),
+    ("one,skip_guards", {"fused_merge": True, "one_region": True, "skip_guards": True}),
+    ("skip_guards", {"fused_merge": True, "one_region": False, "skip_guards": False}),  # only with "one"
+    ("", {"fused_merge": True, "one_region": False, "skip_guards": False}),
+])
+def test_mask_variant_names_the_split_paths_options(mask_fakes: Fakes, monkeypatch: pytest.MonkeyPatch,
+                                                   variant: str, want: dict) -> None:
+    _enable(monkeypatch)
+    monkeypatch.setenv(mask.ENV_VARIANT, variant)
+    vp.register()
+    meta = mask_fakes.Metadata(10)
+    meta.update_from_top_indices([1, 4, 7])
+    mask_fakes.Backend().forward_contiguous(FakeRows(3), FakeRows(10), FakeRows(10), FakeRows(3), meta)
+    assert mask_fakes.options == [want]
 
 
 def test_mask_fix_leaves_full_recompute_and_unmasked_layers_to_lmcache(mask_fakes: Fakes,

@@ -26,14 +26,17 @@ _said: set[str] = set()
 layer_counts = {"exact": 0, "fallback": 0}
 
 
-ENV_VARIANT = "KVDEMO_MASK_VARIANT"  # "eager": the split path's merge op by op (the A/B's before), else fused
+# Comma list: "eager" merges op by op (the A/B's before); "one" runs band + merge as one compiled region,
+# "one,skip_guards" also skips Dynamo's guards after a request's first layer; unset: two regions (fused merge).
+ENV_VARIANT = "KVDEMO_MASK_VARIANT"
 
 
 @functools.cache
 def split_options() -> dict[str, bool]:
     """The split path's options from ``KVDEMO_MASK_VARIANT`` (kvdemo.blend_mask.exact_attention_split)."""
     chosen = {v.strip() for v in os.environ.get(ENV_VARIANT, "").split(",") if v.strip()}
-    return {"fused_merge": "eager" not in chosen}
+    return {"fused_merge": "eager" not in chosen, "one_region": "one" in chosen,
+            "skip_guards": "one" in chosen and "skip_guards" in chosen}
 
 
 @functools.cache
