@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserFacingError
+from .prompts import DEFAULT_CONTEXT_TOKENS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = "mistralai/Mistral-7B-Instruct-v0.2"
@@ -38,6 +39,7 @@ class Settings:
     port: int = 7860
     engine_ports: list[int] = field(default_factory=lambda: [8000, 8001, 8002, 8003])
     max_model_len: int = 32768
+    context_tokens: int = DEFAULT_CONTEXT_TOKENS  # the page's default chunks (max_model_len caps it)
     gpu_memory_utilization: float | None = None  # None: split GPU_MEMORY_BUDGET between engines on a GPU
     kv_cache_gib: float | None = None  # None: 12 GiB when engines share a GPU (skips vLLM's profiling)
     data_dir: Path = REPO_ROOT / "data"
@@ -156,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine-ports", type=_int_list, default=_env("engine_ports", "8000,8001,8002,8003"),
                    help="ports of the engines, in order (LMCache engine first)")
     p.add_argument("--max-model-len", type=int, default=_env("max_model_len", str(d.max_model_len)))
+    p.add_argument("--context-tokens", type=int, default=_env("context_tokens", str(d.context_tokens)),
+                   help="the page's default chunks: library order until the context reaches N tokens "
+                        "(within --max-model-len; blending pays on long contexts)")
     p.add_argument("--gpu-memory-utilization", type=float, default=_env("gpu_memory_utilization"),
                    help="per engine (default: 0.9 split between the engines on a GPU)")
     p.add_argument("--kv-cache-gib", type=float, default=_env("kv_cache_gib"),
@@ -229,7 +234,7 @@ def settings_from_args(a: argparse.Namespace) -> Settings:
     port = 7860 if os.environ.get("SPACE_ID") and a.port == Settings.port else a.port
     s = Settings(
         scenario=a.scenario, model=a.model, simulate=a.simulate, gpus=a.gpus, port=port,
-        engine_ports=a.engine_ports, max_model_len=a.max_model_len,
+        engine_ports=a.engine_ports, max_model_len=a.max_model_len, context_tokens=a.context_tokens,
         gpu_memory_utilization=a.gpu_memory_utilization, kv_cache_gib=a.kv_cache_gib,
         data_dir=a.data_dir, lmcache_config=Path(a.lmcache_config) if a.lmcache_config else None,
         share=a.share, server_name=server_name, auth=a.auth,
@@ -256,6 +261,9 @@ def validate(s: Settings) -> None:
     itself, e.g. enough --engine-ports for its engines, the runtime checks when it takes its scenario.)"""
     if s.max_model_len < 256:
         raise UserFacingError(f"--max-model-len {s.max_model_len} is too small; use at least 256.")
+    if s.context_tokens < 1:
+        raise UserFacingError(f"--context-tokens {s.context_tokens}: give the default context's size in tokens, "
+                              "e.g. 16000.")
     if s.gpu_memory_utilization is not None and not 0.05 <= s.gpu_memory_utilization <= 0.98:
         raise UserFacingError("--gpu-memory-utilization must be between 0.05 and 0.98.")
     if len(set(s.engine_ports)) != len(s.engine_ports) or s.port in s.engine_ports:

@@ -113,10 +113,12 @@ def chat_wrapping(tokenizer) -> tuple[str, str]:
 class PromptBuilder:
     """Tokenizes each piece once (cached) and assembles token-id prompts for blending."""
 
-    def __init__(self, tokenizer, library: ChunkLibrary, separator: str = DEFAULT_SEPARATOR) -> None:
+    def __init__(self, tokenizer, library: ChunkLibrary, separator: str = DEFAULT_SEPARATOR,
+                 default_context_tokens: int = DEFAULT_CONTEXT_TOKENS) -> None:
         self.tokenizer = tokenizer
         self.library = library
         self.separator = separator
+        self.default_context_tokens = default_context_tokens  # the page's default selection fills this many
         # Exactly as LMCache computes it (token_database.py): encode with special tokens, drop the first.
         self.sep_ids: list[int] = list(tokenizer.encode(separator))[1:]
         self.bos_ids: list[int] = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
@@ -181,8 +183,9 @@ class PromptBuilder:
 
     def page_selection(self, max_model_len: int) -> list[str]:
         """The page's default chunks (also /ask's and the headless question's when none are named): library
-        order up to DEFAULT_CONTEXT_TOKENS, leaving ANSWER_ROOM_TOKENS under ``max_model_len``."""
-        return self.default_selection(DEFAULT_CONTEXT_TOKENS, max_model_len - ANSWER_ROOM_TOKENS)
+        order up to ``default_context_tokens`` (``--context-tokens``), leaving ANSWER_ROOM_TOKENS under
+        ``max_model_len``."""
+        return self.default_selection(self.default_context_tokens, max_model_len - ANSWER_ROOM_TOKENS)
 
     def default_selection(self, min_tokens: int, max_tokens: int) -> list[str]:
         """Chunks in library order until the context reaches min_tokens (blending pays off on long contexts)."""

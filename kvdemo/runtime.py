@@ -99,7 +99,8 @@ class Runtime:
                 check_port_free(spec.port, what=f"engine port ({spec.label})")
         check_port_free(s.port, s.server_name, what="UI port")
         self.builder = PromptBuilder(load_tokenizer(s.tokenizer_source, s.hf_token), self.library,
-                                     separator=self.lmcache_config.separator)
+                                     separator=self.lmcache_config.separator,
+                                     default_context_tokens=s.context_tokens)
         if not s.attach:
             self.watchdog = Watchdog()
         for spec in specs:

@@ -239,3 +239,12 @@ def test_engine_args_single_flag_in_bench_and_offline():
     assert build_bench_parser().parse_args(argv).engine_args == "--enforce-eager"
     offline = offline_parser().parse_args([*argv, "--chunks", "a.txt", "--question", "q"])
     assert offline.engine_args == "--enforce-eager"
+
+
+def test_context_tokens_flag_env_and_bad_value(monkeypatch):
+    assert parse_settings([]).context_tokens == 16_000
+    assert parse_settings(["--context-tokens", "30000"]).context_tokens == 30_000
+    monkeypatch.setenv("KVDEMO_CONTEXT_TOKENS", "24000")
+    assert parse_settings([]).context_tokens == 24_000
+    with pytest.raises(UserFacingError, match="--context-tokens 0: give the default context's size in tokens"):
+        parse_settings(["--context-tokens", "0"])

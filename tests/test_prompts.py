@@ -179,3 +179,13 @@ def test_separator_inside_a_chunk_is_reported(tokenizer, tmp_path, caplog):
     b = PromptBuilder(tokenizer, lib)
     b.chunk_ids("a")
     assert "contains the separator" in caplog.text
+
+
+def test_page_selection_fills_the_configured_context(tokenizer, library):
+    """--context-tokens sets how long the page's default selection is; --max-model-len still caps it."""
+    long = PromptBuilder(tokenizer, library, default_context_tokens=30_000)
+    names = long.page_selection(32_768)
+    assert long.context_tokens(names) >= 30_000 and long.context_tokens(names) + 64 <= 32_768 - 512
+    assert long.context_tokens(PromptBuilder(tokenizer, library).page_selection(32_768)) < 30_000
+    capped = long.page_selection(8_192)
+    assert capped and long.context_tokens(capped) + 64 <= 8_192 - 512
