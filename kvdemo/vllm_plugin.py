@@ -28,6 +28,8 @@ Environment:
     ``epic:K``, ``first:K``, ``per_chunk``); unset, it changes nothing. ``async_save`` is not in ``all``
     until a GPU run has measured it (``all,async_save`` switches it on): a request's KV is copied off the GPU
     behind the step and put into LMCache's store by a worker thread (kvdemo.lmcache_patches.async_save).
+    ``loadcopy`` (also opt-in until measured, on top of ``sync``): the layerwise load builds its buffer views
+    once per request and copies each segment as two byte slices (kvdemo.lmcache_patches.load_copies).
 ``KVDEMO_TELEMETRY_DIR=DIR``
     one JSON line per request LMCache loads for (kvdemo.lmcache_patches.telemetry): what the app shows
     under each answer.
@@ -51,6 +53,7 @@ from kvdemo.lmcache_patches import (
     hooks,
     kernels,
     layerwise_sync,
+    load_copies,
     lookup,
     mask,
     model,
@@ -84,6 +87,7 @@ FIXES: dict[str, tuple[tuple[str, Patch], ...]] = {
     "mask": mask.PATCHES,
     "rope": rope.PATCHES,
     "sync": layerwise_sync.PATCHES,
+    "loadcopy": load_copies.PATCHES,  # after "sync": it installs that fix's copy with its edits
     "kernels": kernels.PATCHES,
     "tokens": tokens.PATCHES,
     "lookup": lookup.PATCHES,
@@ -94,7 +98,7 @@ FIXES: dict[str, tuple[tuple[str, Patch], ...]] = {
     "async_save": async_save.PATCHES,
 }
 # Fixes that "all" leaves out: named ones only (all,async_save).
-OPT_IN_FIXES: tuple[str, ...] = ("async_save",)
+OPT_IN_FIXES: tuple[str, ...] = ("async_save", "loadcopy")
 ALL_FIXES: tuple[str, ...] = tuple(fix for fix in FIXES if fix not in OPT_IN_FIXES)
 # Fixes blending needs to run at all, and fixes that change answers on purpose: the "minimal" plugin the
 # quality benchmark's fix-equivalence check compares the speed-only fixes against.

@@ -1277,3 +1277,10 @@ def test_mask_fix_switch_and_version_gate(mask_fakes: Fakes, monkeypatch: pytest
     vp._reset_for_tests()
     assert _register_warns_of_version(monkeypatch, caplog, "0.5.6", "mask")
     assert mask_fakes.Backend.forward_contiguous is original
+
+
+def test_loadcopy_is_opt_in_and_armed_after_sync() -> None:
+    assert "loadcopy" in vp.OPT_IN_FIXES and "loadcopy" not in vp.ALL_FIXES
+    assert vp.parse_fixes("all,loadcopy") == frozenset(vp.ALL_FIXES) | {"loadcopy"}
+    order = list(vp.FIXES)
+    assert order.index("sync") < order.index("loadcopy") < order.index("selection")

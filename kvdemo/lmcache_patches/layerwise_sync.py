@@ -10,6 +10,7 @@ from collections.abc import Callable, Generator
 from types import ModuleType
 from typing import Any
 
+from . import load_copies
 from .hooks import copied_version_matches, find_target, wrap_method
 from .targets import MOD_GPU_CONNECTORS
 
@@ -45,8 +46,9 @@ def patch_batched_to_gpu(module: ModuleType) -> None:
                 "overlaps the previous layer's compute")
 
 
-def make_batched_to_gpu(m: ModuleType) -> Callable[..., Generator[None, Any, None]]:
-    """Build the edited copy of lmcache 0.5.3 gpu_connectors.py:781-944 (names resolved from ``m``)."""
+def make_batched_to_gpu(m: ModuleType, reuse_views: bool = False) -> Callable[..., Generator[None, Any, None]]:
+    """Build the edited copy of lmcache 0.5.3 gpu_connectors.py:781-944 (names resolved from ``m``);
+    ``reuse_views``: fix 'loadcopy''s edits too (marked ``kvdemo(loadcopy):``, kvdemo.lmcache_patches.load_copies)."""
     torch = m.torch
     lmc_ops = m.lmc_ops
     MemoryFormat = m.MemoryFormat
@@ -94,13 +96,21 @@ def make_batched_to_gpu(m: ModuleType) -> Callable[..., Generator[None, Any, Non
         assert load_gpu_buffer_obj is not None, "Failed to allocate GPU buffer in GPUConnector"
         assert compute_gpu_buffer_obj.tensor is not None
         assert load_gpu_buffer_obj.tensor is not None
+        # kvdemo(loadcopy): both buffers' views once per request, not on every layer
+        views = (load_copies.request_views(torch, (compute_gpu_buffer_obj, load_gpu_buffer_obj),
+                                           [(a - buf_offset, b - buf_offset) for a, b in zip(starts, ends)])
+                 if reuse_views else None)
+
+        def tensor_of(obj: Any) -> Any:  # obj.tensor, or the request's cached view of it (loadcopy)
+            held = views.get(id(obj)) if views else None
+            return held.kv if held is not None and held.obj is obj else obj.tensor
 
         if self.cache_positions:
             old_positions_full = torch.zeros((num_all_tokens,), dtype=torch.int64, device=self.kvcaches[0].device)
         for layer_id in range(self.num_layers + 2):
             if layer_id > 1:
                 lmc_ops.single_layer_kv_transfer(
-                    self.buffer_mapping[layer_id - 2].tensor,
+                    tensor_of(self.buffer_mapping[layer_id - 2]),
                     self.kvcaches[layer_id - 2],
                     slot_mapping_full,
                     lmc_ops.TransferDirection.H2D,
@@ -120,19 +130,16 @@ def make_batched_to_gpu(m: ModuleType) -> Callable[..., Generator[None, Any, Non
                 # ping-pong the buffers
                 compute_gpu_buffer_obj, load_gpu_buffer_obj = load_gpu_buffer_obj, compute_gpu_buffer_obj
 
+                compute = tensor_of(compute_gpu_buffer_obj)
                 if self.cache_positions:
-                    assert compute_gpu_buffer_obj.tensor is not None
-                    compute_gpu_buffer_obj.tensor[0] = self.fused_rotary_emb(
-                        old_positions_full,
-                        new_positions_full,
-                        compute_gpu_buffer_obj.tensor[0],
-                    )
+                    assert compute is not None
+                    compute[0] = self.fused_rotary_emb(old_positions_full, new_positions_full, compute[0])
 
                 # gap zeroing after RoPE. kvdemo: was `tensor[:, gaps] = 0.0`, whose CPU scalar becomes a
                 # tensor copied to the GPU with a host sync on every layer (trace: 32 syncs per blend),
                 # stopping the CPU from running ahead; index_fill_ takes the scalar as is.
                 if self.current_gap_positions.numel():
-                    compute_gpu_buffer_obj.tensor.index_fill_(1, self.current_gap_positions, 0.0)
+                    compute.index_fill_(1, self.current_gap_positions, 0.0)
 
                 self.buffer_mapping[layer_id - 1] = compute_gpu_buffer_obj
                 lmc_logger.debug("Finished loading layer %s into buffer", layer_id - 1)
@@ -148,19 +155,28 @@ def make_batched_to_gpu(m: ModuleType) -> Callable[..., Generator[None, Any, Non
                 # memobj -> gpu_buffer
                 with torch.cuda.stream(self.load_stream):
                     self.load_stream.wait_event(load_buffer_free)
-                    for start, end, memory_obj in zip(starts, ends, memory_objs_layer, strict=False):
-                        assert memory_obj.metadata.fmt == MemoryFormat.KV_2TD
-                        assert load_gpu_buffer_obj.tensor is not None
-                        load_gpu_buffer_obj.tensor[0][start - buf_offset:end - buf_offset].copy_(
-                            memory_obj.tensor[0], non_blocking=True
-                        )
-                        load_gpu_buffer_obj.tensor[1][start - buf_offset:end - buf_offset].copy_(
-                            memory_obj.tensor[1], non_blocking=True
-                        )
-                        if self.cache_positions and layer_id == 0:
-                            old_positions_full[start - buf_offset:end - buf_offset] = (
-                                memory_obj.metadata.cached_positions
+                    # kvdemo(loadcopy): two byte slices and two copies per segment when every object checks out
+                    load_views = views[id(load_gpu_buffer_obj)] if views and layer_id > 0 else None
+                    sources = (load_copies.source_bytes(torch, memory_objs_layer, load_views, MemoryFormat.KV_2TD)
+                               if load_views else None)
+                    if load_views is not None and sources is not None:
+                        for (dst_k, dst_v), (src_k, src_v) in zip(load_views.segments, sources):
+                            dst_k.copy_(src_k, non_blocking=True)
+                            dst_v.copy_(src_v, non_blocking=True)
+                    else:  # LMCache's per-segment loop (layer 0 also copies the cached positions)
+                        for start, end, memory_obj in zip(starts, ends, memory_objs_layer, strict=False):
+                            assert memory_obj.metadata.fmt == MemoryFormat.KV_2TD
+                            assert load_gpu_buffer_obj.tensor is not None
+                            load_gpu_buffer_obj.tensor[0][start - buf_offset:end - buf_offset].copy_(
+                                memory_obj.tensor[0], non_blocking=True
                             )
+                            load_gpu_buffer_obj.tensor[1][start - buf_offset:end - buf_offset].copy_(
+                                memory_obj.tensor[1], non_blocking=True
+                            )
+                            if self.cache_positions and layer_id == 0:
+                                old_positions_full[start - buf_offset:end - buf_offset] = (
+                                    memory_obj.metadata.cached_positions
+                                )
 
             elif layer_id == self.num_layers:
                 yield
