@@ -321,6 +321,9 @@ PY
         --ratios 0.02,0.05,0.10,0.15,0.30,1.0 --prompts 40 --name quality-qwen1.5b ${QWEN_QUALITY_ARGS:-} 2>&1 \
         | tee "$TXT/qwen-quality.txt" | grep -v " INFO "
       rc=$((rc | PIPESTATUS[0]))
+      # the default ratio by the rule of kvdemo.bench.choose_ratio (16K and 30K)
+      result=$(grep -oE "kvdemo.bench: wrote [^ ]+\.json" "$TXT/qwen-quality.txt" | tail -1 | cut -d' ' -f3)
+      if [[ -n $result ]]; then python -m kvdemo.bench.choose_ratio "$result" | tee "$TXT/choose-ratio.txt"; fi
       keep_logs qwen-quality "$logs" "plain r0.15 r0.15-minimal r1" ;;
     qwen-page)
       # The page's ask path on real Qwen2.5-Coder-1.5B weights over its default chunks at --context-tokens
