@@ -94,6 +94,20 @@ def _first_logprobs(torch, llama, prompt, context):
     return row.first_top
 
 
+def test_harness_prompts_at_a_context_target(tokenizer):
+    """--context-target: the quality harness's prompts of one --quality-contexts size (a real model's sweep)."""
+    from kvdemo import quality as qm
+
+    lo, hi = qm.context_band(16000)
+    long = bo.harness_prompts(tokenizer, 3, context_target=16000, max_model_len=32768)
+    default = bo.harness_prompts(tokenizer, 3)
+    assert len(long) == 3 and all(lo <= p.blend_len <= hi for p in long), [p.blend_len for p in long]
+    assert all(p.blend_len <= bo.QUALITY_CONTEXT[1] for p in default)
+    args = bo.build_parser().parse_args(["--model", "m", "--out", "o.json", "--context-target", "16000",
+                                         "--max-model-len", "32768"])
+    assert (args.context_target, args.max_model_len) == (16000, 32768)
+
+
 def test_manual_forward_matches_hf(tiny):
     torch, model, llama = tiny
     p = _prompt()

@@ -13,7 +13,7 @@ import sys
 
 from ..quality import BOOTSTRAP_DRAWS, BOOTSTRAP_SEED
 from .runner import run
-from .settings import ANSWER_TOKENS, BLEND_CONFIG, DEFAULT_RATIOS, VARIANTS
+from .settings import ANSWER_TOKENS, BLEND_CONFIG, DEFAULT_RATIOS, MAX_MODEL_LEN, VARIANTS
 from .variants import plan_variants
 
 
@@ -23,6 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
     p.add_argument("--prompts", type=int, default=6, help="the harness's first N prompts")
+    p.add_argument("--context-target", type=int, default=None,
+                   help="the harness's prompts of this --quality-contexts size (default: its default band)")
+    p.add_argument("--max-model-len", type=int, default=MAX_MODEL_LEN,
+                   help="the harness run's --max-model-len (it bounds the prompts)")
     p.add_argument("--ratios", default=DEFAULT_RATIOS, help="recompute ratios (0 = nothing after the check layer)")
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help=f"variant keys: {','.join(VARIANTS)} (the default), sep_stored, epic<K> (epic8, "

@@ -53,9 +53,11 @@ def blend_layout(bos: Sequence[int], sys_ids: Sequence[int], chunks: Sequence[Se
 
 
 def harness_prompts(tokenizer, n: int, seed: int = 0, questions: Path = QUESTIONS_FILE,
-                    data_dir: Path = REPO_ROOT / "data", lmcache_config: Path = BLEND_CONFIG) -> list[BlendPrompt]:
-    """The quality harness's first n prompts at its default context band (kvdemo.bench.quality.run_quality
-    samples them with the same function, seed, bounds and budget)."""
+                    data_dir: Path = REPO_ROOT / "data", lmcache_config: Path = BLEND_CONFIG,
+                    context_target: int | None = None, max_model_len: int = MAX_MODEL_LEN) -> list[BlendPrompt]:
+    """The quality harness's first n prompts at its default context band, or at ``context_target``'s band as
+    ``--quality-contexts`` gives it (kvdemo.bench.quality.run_quality samples them with the same function,
+    seed, bounds and budget: pass its ``--max-model-len``)."""
     from ..lmcache_config import LmcacheConfig
     from ..prompts import ChunkLibrary, PromptBuilder
 
@@ -64,9 +66,9 @@ def harness_prompts(tokenizer, n: int, seed: int = 0, questions: Path = QUESTION
     qs = qm.load_questions(questions, list(library.chunks))
     sep = len(builder.sep_ids)
     chunk_tokens = {c: len(builder.chunk_ids(c)) + sep for c in library.chunks}
-    budget = qm.prompt_budget(MAX_MODEL_LEN)
-    sampled = qm.sample_prompts(qs, chunk_tokens, qm.prompt_overhead(builder), n, QUALITY_CONTEXT[0],
-                                min(QUALITY_CONTEXT[1], budget), seed=seed)
+    budget = qm.prompt_budget(max_model_len)
+    lo, hi = qm.context_band(context_target) if context_target else QUALITY_CONTEXT
+    sampled = qm.sample_prompts(qs, chunk_tokens, qm.prompt_overhead(builder), n, lo, min(hi, budget), seed=seed)
     out = []
     for p in sampled:
         bp = blend_layout(builder.bos_ids, builder.sys_ids(), [builder.chunk_ids(c) for c in p.chunks],

@@ -79,7 +79,8 @@ def run(a: argparse.Namespace, argv_text: str, log: Callable[[str], None] = prin
     check = check_layers(Path(a.lmcache_config))
     model, tokenizer = load_model(a.model, a.device, a.dtype)
     llama = ManualLlama(model)
-    prompts = harness_prompts(tokenizer, a.prompts, seed=a.seed, lmcache_config=Path(a.lmcache_config))
+    prompts = harness_prompts(tokenizer, a.prompts, seed=a.seed, lmcache_config=Path(a.lmcache_config),
+                              context_target=a.context_target, max_model_len=a.max_model_len)
     stored = StoredKV(llama)
     hf_diff = hf_consistency(model, llama, prompts[0]) if a.hf_check else None
     outcomes = []
