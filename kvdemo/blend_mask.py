@@ -24,6 +24,7 @@ the bottom-right causal call LMCache makes (vLLM's FlashAttention 3 where vLLM i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import itertools
 import json
@@ -245,15 +246,21 @@ def merge_by_lse_fused(out_a: Any, lse_a: Any, out_b: Any, lse_b: Any) -> Any:
     return _compiled_merge(out_a, lse_a, out_b, lse_b)
 
 
+def _band_merged(query: Any, key: Any, value: Any, block_mask: Any, scale: float, full_out: Any, full_lse: Any,
+                 flex: Any, merge: Any) -> Any:
+    """FlexAttention on the band (``flex``), merged (``merge``) with FlashAttention's ``full_out``/``full_lse``."""
+    band_out, band_lse = _flex(query, key, value, block_mask, scale, flex=flex)
+    return merge(full_out, full_lse, band_out.transpose(1, 2).squeeze(0), band_lse.squeeze(0))
+
+
 def band_and_merge(query: Any, key: Any, value: Any, block_mask: Any, scale: float, full_out: Any,
                    full_lse: Any) -> Any:
     """The split path's second half as one function: FlexAttention on the band, merged with FlashAttention's
     ``full_out``/``full_lse`` by log-sum-exp, in the query's dtype ([k, H, d])."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    band_out, band_lse = _flex(query, key, value, block_mask, scale, flex=flex_attention)
-    merged = merge_by_lse(full_out, full_lse, band_out.transpose(1, 2).squeeze(0), band_lse.squeeze(0))
-    return merged.to(query.dtype)
+    return _band_merged(query, key, value, block_mask, scale, full_out, full_lse, flex_attention,
+                        merge_by_lse).to(query.dtype)
 
 
 _compiled_band_merge: Any = None
@@ -289,18 +296,16 @@ def exact_attention_split(query: Any, key: Any, value: Any, plan: ExactPlan, sca
                                    cu_seqlens_q=plan.cu_seqlens_q, max_seqlen_k=pages, seqused_k=plan.seqused_k,
                                    softmax_scale=scale, causal=False, block_table=plan.block_table,
                                    return_softmax_lse=True, **kwargs)
-    if one_region:
-        fn = band_and_merge_fn()
-        plan.layers_run += 1
-        if skip_guards and plan.layers_run > 1:
-            import torch
+    if not one_region:
+        return _band_merged(query, key, value, plan.mask, scale, full_out, full_lse, None,
+                            merge_by_lse_fused if fused_merge else merge_by_lse)
+    plan.layers_run += 1
+    import torch
 
-            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                return fn(query, key, value, plan.mask, scale, full_out, full_lse)
-        return fn(query, key, value, plan.mask, scale, full_out, full_lse)
-    band_out, band_lse = _flex(query, key, value, plan.mask, scale)
-    merge = merge_by_lse_fused if fused_merge else merge_by_lse
-    return merge(full_out, full_lse, band_out.transpose(1, 2).squeeze(0), band_lse.squeeze(0))
+    guards = (torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+              if skip_guards and plan.layers_run > 1 else contextlib.nullcontext())
+    with guards:
+        return band_and_merge_fn()(query, key, value, plan.mask, scale, full_out, full_lse)
 
 
 def run_plan(query: Any, key: Any, value: Any, plan: ExactPlan, scale: float, fa_varlen: Any = None,

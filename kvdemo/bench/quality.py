@@ -245,7 +245,7 @@ async def answer(scorer: Scorer, ids: list[int], reference_tokens: list[int] | N
 
 
 async def reference_pass(plain: EngineHandle, prompts: list[list[int]], max_tokens: int,
-                         ready: list[asyncio.Future] | None = None) -> tuple[list[Answer], list[Answer]]:
+                         ready: list[asyncio.Future]) -> tuple[list[Answer], list[Answer]]:
     """🐢 on every prompt: cold (the reference), then the same requests again (prefix hits: the control).
     ``ready[i]`` gets prompt i's reference as soon as it is in (the 🚀 engines start on it), or this pass's
     error."""
@@ -256,13 +256,12 @@ async def reference_pass(plain: EngineHandle, prompts: list[list[int]], max_toke
             for i, ids in enumerate(prompts):
                 ref = await answer(scorer, ids, None, f"plain-p{i}-ref", max_tokens, cold=True)
                 refs.append(ref)
-                if ready is not None:
-                    ready[i].set_result(ref)
+                ready[i].set_result(ref)
                 controls.append(await answer(scorer, ids, ref.scored.tokens, f"plain-p{i}-control", max_tokens))
                 if (i + 1) % 10 == 0:
                     print(f"kvdemo.bench: quality reference {i + 1}/{len(prompts)}", flush=True)
     except BaseException as exc:
-        for future in ready or []:
+        for future in ready:
             if not future.done():
                 if isinstance(exc, Exception):
                     future.set_exception(exc)
