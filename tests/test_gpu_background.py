@@ -42,3 +42,34 @@ def test_a_step_runs_detached_and_is_collected(tmp_path):
     assert (results / "before-simulated.json").is_file() and "before/before-simulated.json" in names
     assert not list((REPO_ROOT / "benchmarks" / "results").glob("before-simulated*"))
     assert "before.tgz" not in run("collect", str(tmp_path / "again"))  # each finished step is sent once
+
+
+def test_lanes_run_at_once_and_a_step_waits_for_its_inputs(tmp_path):
+    """Lanes start together; WAIT_FOR_<name> holds a step until its files exist, or skips it after WAIT_MAX."""
+    runs, site, smol = tmp_path / "runs", tmp_path / "site", tmp_path / "smol"
+    site.mkdir(), smol.mkdir()
+    (site / "kvdemo_done").touch()
+    (smol / "config.json").write_text("{}")  # smol-model finds the model made: nothing to convert
+    gate, never = tmp_path / "gate.done", tmp_path / "never.done"
+    env = {**os.environ, "RUNS": str(runs), "SITE": str(site), "RESULTS": str(tmp_path / "results"),
+           "SMOL_DIR": str(smol), "WAIT_MAX": "4", "WAIT_FOR_b": str(gate), "WAIT_FOR_c": str(never)}
+    env.pop("PYTHONPATH", None)
+
+    def run(*args: str) -> str:
+        return subprocess.run(["bash", str(SCRIPT), *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                              timeout=60, check=True).stdout
+
+    assert "started" in run("lanes", "a=smol-model b=smol-model", "c=smol-model")
+    assert " end a rc=0" in run("wait", "20")  # wait returns once a step ends
+    assert "start b" not in run("status")  # b's input has not arrived
+    gate.touch()
+    wait_until(lambda: " DONE" in run("status"), 60, "the lanes")
+    status = run("status")
+    assert " end b rc=0" in status and f"skip c: no {never} after 4 s" in status
+    assert "start c" not in status
+    first = run("collect", str(tmp_path / "got"))
+    assert "a.tgz" in first and "b.tgz" in first and "c.tgz" not in first
+    env["COLLECT_MAX"] = "1"  # caps the archives of one collect (a remote command brings back a few files)
+    (runs / "a.collected").unlink()
+    (runs / "b.collected").unlink()
+    assert run("collect", str(tmp_path / "capped")).count(".tgz") == 1
