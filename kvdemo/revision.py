@@ -7,7 +7,7 @@ import subprocess
 
 from .config import REPO_ROOT
 
-ENV_COMMIT = "KVDEMO_COMMIT"  # set where the tree is a copy without .git (the GPU machine)
+ENV_COMMIT = "KVDEMO_COMMIT"  # wins when set: the GPU machine's copy of the tree may carry an older .git
 
 
 def _git(*args: str) -> str | None:
@@ -20,11 +20,14 @@ def _git(*args: str) -> str | None:
 
 
 def source_revision() -> dict:
-    """``kvdemo_commit`` (``git rev-parse HEAD``, else ``KVDEMO_COMMIT``) and ``kvdemo_tree_dirty`` (tracked
-    files changed; None where it cannot be known: outside a git checkout)."""
+    """``kvdemo_commit``: ``KVDEMO_COMMIT`` where set (then ``kvdemo_tree_dirty`` is None: unknown), else ``git
+    rev-parse HEAD``; ``kvdemo_tree_dirty``: tracked files changed (None outside a git checkout)."""
+    pinned = os.environ.get(ENV_COMMIT)
+    if pinned:
+        return {"kvdemo_commit": pinned, "kvdemo_tree_dirty": None}
     head = _git("rev-parse", "HEAD")
     if not head:
-        return {"kvdemo_commit": os.environ.get(ENV_COMMIT) or None, "kvdemo_tree_dirty": None}
+        return {"kvdemo_commit": None, "kvdemo_tree_dirty": None}
     status = _git("status", "--porcelain", "--untracked-files=no")
     return {"kvdemo_commit": head.strip(),
             "kvdemo_tree_dirty": bool(status.strip()) if status is not None else None}

@@ -48,6 +48,8 @@ if [[ ! -f $SITE/kvdemo_done ]]; then
   touch "$SITE/kvdemo_done"
 fi
 export PYTHONPATH=$SITE PATH=$SITE/bin:$PATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+# The commit the results record: .gpu/COMMIT (written before carrying) where the machine's .git may be older
+if [[ -s .gpu/COMMIT && -z ${KVDEMO_COMMIT:-} ]]; then export KVDEMO_COMMIT=$(head -c 40 .gpu/COMMIT); fi
 MODEL=.gpu/mistral7b-dummy
 # bench/profile/app/share: CUDA graphs, as users run vLLM (share-graphs-h100.json: four engines with graphs fit
 # one H100); share-redis/offline were measured with --enforce-eager. ENGINE_ARGS overrides both.

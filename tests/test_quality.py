@@ -243,9 +243,11 @@ def test_source_revision_names_this_checkout(monkeypatch):
     assert set(rev) == {"kvdemo_commit", "kvdemo_tree_dirty"}
     if rev["kvdemo_commit"] is not None:
         assert len(rev["kvdemo_commit"]) == 40 and isinstance(rev["kvdemo_tree_dirty"], bool)
-    monkeypatch.setattr(revision, "_git", lambda *args: None)  # a copy of the tree without .git
-    monkeypatch.setenv(revision.ENV_COMMIT, "abc123")
+    monkeypatch.setenv(revision.ENV_COMMIT, "abc123")  # wins over a .git (the GPU machine's may be older)
     assert revision.source_revision() == {"kvdemo_commit": "abc123", "kvdemo_tree_dirty": None}
+    monkeypatch.delenv(revision.ENV_COMMIT)
+    monkeypatch.setattr(revision, "_git", lambda *args: None)  # a copy of the tree without .git
+    assert revision.source_revision() == {"kvdemo_commit": None, "kvdemo_tree_dirty": None}
 
 
 # --------------------------------------------------------------------------------------------------
