@@ -44,8 +44,12 @@ started=$(mktemp); TXT=$(mktemp -d)
 RESULTS=${RESULTS:-/tmp/kvdemo-results}; mkdir -p "$RESULTS/steps"
 SITE=${SITE:-/tmp/site}
 if [[ ! -f $SITE/kvdemo_done ]]; then
-  bash .gpu/install_on_device.sh "$PWD" > "$TXT/install.txt" 2>&1 || { cat "$TXT/install.txt"; exit 1; }
-  touch "$SITE/kvdemo_done"
+  exec 9> /tmp/kvdemo-install.lock; flock 9  # steps of lanes that start together install once
+  if [[ ! -f $SITE/kvdemo_done ]]; then
+    bash .gpu/install_on_device.sh "$PWD" > "$TXT/install.txt" 2>&1 || { cat "$TXT/install.txt"; exit 1; }
+    touch "$SITE/kvdemo_done"
+  fi
+  exec 9>&-
 fi
 export PYTHONPATH=$SITE PATH=$SITE/bin:$PATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 # The commit the results record: .gpu/COMMIT (written before carrying) where the machine's .git may be older
