@@ -25,6 +25,9 @@ inputs_ready() {  # $1 name: every file in WAIT_FOR_<name> exists, waiting up to
     done
   done
 }
+finished() {  # how many steps ended or were skipped so far (0 before the first STATUS line)
+  cat "$RUNS/STATUS" 2>/dev/null | grep -c " end \| skip "
+}
 run_steps() {  # spec... (name=step or step), one after another
   local spec name step var
   for spec in "$@"; do
@@ -64,10 +67,10 @@ case ${1:-} in
   status)
     cat "$RUNS/STATUS" 2>/dev/null || echo "nothing started under $RUNS" ;;
   wait)
-    limit=${2:?usage: $0 wait SECONDS}; ends=$(grep -c " end \| skip " "$RUNS/STATUS" 2>/dev/null)
+    limit=${2:?usage: $0 wait SECONDS}; ends=$(finished)
     for ((i = 0; i < limit; i++)); do
       grep -q " DONE$" "$RUNS/STATUS" 2>/dev/null && break
-      (($(grep -c " end \| skip " "$RUNS/STATUS" 2>/dev/null) > ends)) && break
+      (($(finished) > ends)) && break
       sleep 1
     done
     cat "$RUNS/STATUS" 2>/dev/null
